@@ -1,0 +1,18 @@
+"""ComfyUI nodes (V3 schema). Imported only by ComfyUI, through ``comfy_entrypoint``."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+
+class MoEExtension(ComfyExtension):
+    """The pack's one extension: every node it registers."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from . import paths, routes
+        from .sampler_nodes import NODES as SAMPLER_NODES
+        from .training_nodes import NODES as TRAINING_NODES
+
+        paths.register_folders()
+        routes.register()
+        return [*SAMPLER_NODES, *TRAINING_NODES]
