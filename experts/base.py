@@ -53,12 +53,15 @@ class ModelSchedule:
     """What an expert needs to know of a model's noise levels.
 
     ``discrete_sigmas`` is the model's ascending table of trained noise levels (ComfyUI's
-    ``model_sampling.sigmas``), or None for a continuous-time model.
+    ``model_sampling.sigmas``), or None for a continuous-time model. ``native`` is the
+    framework's own sampling object (ComfyUI's ``model_sampling``) when there is one, for
+    experts built from a framework scheduler; pure-torch experts never need it.
     """
 
     sigma_min: float
     sigma_max: float
     discrete_sigmas: Tensor | None = field(default=None, compare=False)
+    native: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (0 < self.sigma_min < self.sigma_max) or not math.isfinite(self.sigma_max):
@@ -72,7 +75,7 @@ class ModelSchedule:
         """Read ``sigma_min``/``sigma_max``/``sigmas`` from a ComfyUI ``model_sampling`` object."""
         table = getattr(model_sampling, "sigmas", None)
         table = table.detach().float().cpu() if isinstance(table, Tensor) else None
-        return cls(float(model_sampling.sigma_min), float(model_sampling.sigma_max), table)
+        return cls(float(model_sampling.sigma_min), float(model_sampling.sigma_max), table, model_sampling)
 
 
 @dataclass(frozen=True)
