@@ -77,6 +77,11 @@ def phi_2(neg_h: Tensor) -> Tensor:
     return (phi_1(neg_h) - 1) / neg_h
 
 
+def phi_3(neg_h: Tensor) -> Tensor:
+    """phi_3(-h) = (phi_2(-h) - 1/2) / (-h), the third-order coefficient of DPM-Solver++(3M)."""
+    return (phi_2(neg_h) - 0.5) / neg_h
+
+
 def seeded_noise_sampler(x: Tensor, seed: int | None):
     """Return ``f(sigma, sigma_next) -> N(0, I)`` noise shaped like ``x``, drawn from a generator
     seeded with ``seed`` (0 when None), never from torch's global RNG."""
