@@ -1,0 +1,292 @@
+"""Sampling nodes (V3): MoE Adaptive Sampler, MoE Expert, MoE Built-in Expert, MoE Expert Pool.
+
+Node ids are frozen (saved workflows refer to them). The sampler's work is in
+:func:`run_adaptive` (route, sample through :mod:`.bridge`, record to the stats store), which
+tests and benchmarks call directly; ``execute`` only wraps it for ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..experts import default_pool, expert_names, get_expert
+from ..router.features import state_from_conditioning
+from . import bridge, paths
+
+logger = logging.getLogger(__name__)
+
+CATEGORY = "sampling/moe"
+EVENT = "moe_sampler.run"
+MANUAL_ROUTER = "manual"  # router label of runs whose expert was forced with ``mode``
+MIN_FEATURE_CFG = 0.01  # cfg 0 is allowed like core KSampler; the router's state needs cfg > 0
+CUSTOM_EXPERT_SLOTS = 4
+ExpertType = io.Custom("MOE_EXPERT")
+ExpertPoolType = io.Custom("MOE_EXPERT_POOL")
+
+TOOLTIPS = {
+    "model": "The diffusion model (LoRAs, ControlNets and model patches applied upstream keep working).",
+    "positive": "Conditioning to steer towards; also part of what the router reads to pick an expert.",
+    "negative": "Conditioning to steer away from.",
+    "latent_image": "The latent to denoise: an Empty Latent Image for txt2img, a VAE Encode for img2img "
+                    "(batch_index and noise_mask are kept).",
+    "seed": "Seed of the initial noise (same as KSampler's) and of the router's draw when temperature > 0.",
+    "cfg": "Classifier-free guidance scale, as in KSampler. The router also reads it: high cfg makes "
+           "sampling stiffer.",
+    "priority": "What the router optimises: 0 = fastest acceptable expert, 1 = highest quality, "
+                "0.5 = balanced. Needs no retraining.",
+    "router": "Router weights from models/moe_routers (.safetensors). '(built-in default)' is the untrained "
+              "router that ranks experts by their descriptors.",
+    "mode": "'auto' lets the router choose; an expert name forces that expert (it must be in the pool). "
+            "To force a custom expert, connect a pool that holds only it. Forced runs are recorded with "
+            "router 'manual'.",
+    "temperature": "Exploration: 0 always takes the best-scored expert; higher values sometimes try others "
+                   "(seeded by seed), which helps the router learn.",
+    "denoise": "How much of the schedule to run, as in KSampler: 1.0 for txt2img, lower to keep more of "
+               "the input latent (img2img).",
+    "expert_pool": "Experts the router may choose from (MoE Expert Pool). Not connected: the five main "
+                   "built-in experts.",
+    "sampler_name": "A ComfyUI sampler (the same list as KSampler).",
+    "scheduler": "A ComfyUI scheduler: how the noise levels are spaced (the same list as KSampler).",
+    "steps": "Number of sampler steps (at least 1); model calls per step depend on the sampler.",
+    "stop_rule": "'none' runs every step; 'converged' stops once the denoised prediction stops changing "
+                 "and returns it.",
+    "expert": "A built-in expert to use as MOE_EXPERT (e.g. to put it in a pool next to custom experts).",
+    "pool": "Another MoE Expert Pool to extend (its experts come first); chain pools for more than "
+            f"{CUSTOM_EXPERT_SLOTS} custom experts.",
+}
+
+
+def builtin_tooltip(name: str) -> str:
+    expert = get_expert(name)
+    kind = "compatibility expert, off by default" if expert.compat else "built-in expert"
+    return f"Include {name} ({kind}): {expert.descriptor.description}".strip()
+
+
+def router_label(router: str) -> str:
+    """How a router is named in the stats store: ``"default"`` or the file name."""
+    return "default" if router == paths.BUILTIN_ROUTER else router
+
+
+@dataclass(frozen=True)
+class AdaptiveRun:
+    """What one MoE Adaptive Sampler execution did."""
+
+    latent: dict
+    report: bridge.SamplingReport
+    selection: Any  # router.policy.Selection, or None when ``mode`` forced the expert
+    router: str
+    recorded: bool
+
+    @property
+    def forced(self) -> bool:
+        return self.selection is None
+
+    def ui(self) -> dict:
+        """Badge data for web/ (``ui.moe_run``) and a one-line summary (``ui.text``)."""
+        return bridge.badge(self.report, self.selection, self.router)
+
+
+def _record(store: Any, attempts: Sequence[bridge.Attempt], **fields: Any) -> bool:
+    """Queue the attempts' rows off the hot path (``record_async``); never raises."""
+    try:
+        records = bridge.run_records(attempts, **fields)
+        writer = getattr(store, "record_async", None) or store.record
+        return all([bool(writer(record)) for record in records])
+    except Exception:  # recording must never break sampling
+        logger.exception("could not record %d run(s) in the stats store", len(attempts))
+        return False
+
+
+def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, cfg: float,
+                 priority: float = 0.5, router: str = paths.BUILTIN_ROUTER, mode: str = "auto",
+                 temperature: float = 0.0, denoise: float = 1.0, expert_pool: Sequence[Any] | None = None,
+                 store: Any = None, callback: Any = None, preview: bool = True) -> AdaptiveRun:
+    """Route, sample and record one generation (the MoE Adaptive Sampler's work).
+
+    ``store`` defaults to the process-wide store (:func:`paths.stats_store`). Errors name the
+    node input at fault (``expert_pool``, ``mode``, ``router``, ``latent_image``).
+    """
+    pool = bridge.check_pool(default_pool() if expert_pool is None else expert_pool)
+    forced = bridge.forced_expert(mode, pool)
+    samples = bridge.check_latent(latent_image)
+    state = state_from_conditioning(positive, negative, tuple(samples.shape), max(cfg, MIN_FEATURE_CFG), denoise,
+                                    bridge.model_family(model), priority, "interactive")
+    selection = None
+    if forced is None:
+        selection = paths.load_router(router).select(state, pool, priority=priority, temperature=temperature,
+                                                     seed=seed)
+    expert = forced if forced is not None else pool[selection.index]
+    label = MANUAL_ROUTER if forced is not None else router_label(router)
+    attempts: list[bridge.Attempt] = []
+    try:
+        latent, report = bridge.sample_with_expert(model, expert, positive, negative, latent_image, seed, cfg,
+                                                   denoise, callback=callback, preview=preview, attempts=attempts)
+    finally:
+        recorded = _record(paths.stats_store() if store is None else store, attempts, state=state,
+                           selection=selection, router=label, priority=priority, seed=seed)
+    return AdaptiveRun(latent, report, selection, label, recorded)
+
+
+def _notify(payload: dict, node_id: Any) -> None:
+    """Send the run to the browser (``moe_sampler.run``) when a ComfyUI server is running."""
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return
+    try:
+        instance.send_sync(EVENT, {**payload, "node_id": node_id}, sid=getattr(instance, "client_id", None))
+    except Exception:
+        logger.debug("could not send %s", EVENT, exc_info=True)
+
+
+class MoEAdaptiveSampler(io.ComfyNode):
+    """KSampler's drop-in: a router picks the sampling expert for each generation."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        t = TOOLTIPS
+        return io.Schema(
+            node_id="MoEAdaptiveSampler",
+            display_name="MoE Adaptive Sampler",
+            category=CATEGORY,
+            description="Samples like KSampler, but a learned router picks the sampling expert (solver, "
+                        "schedule, steps, stop rule) for this model, prompt, size and priority, and every run "
+                        "is recorded so the router can improve.",
+            inputs=[
+                io.Model.Input("model", tooltip=t["model"]),
+                io.Conditioning.Input("positive", tooltip=t["positive"]),
+                io.Conditioning.Input("negative", tooltip=t["negative"]),
+                io.Latent.Input("latent_image", tooltip=t["latent_image"]),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip=t["seed"]),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=t["cfg"]),
+                io.Float.Input("priority", default=0.5, min=0.0, max=1.0, step=0.05,
+                               display_mode=io.NumberDisplay.slider, tooltip=t["priority"]),
+                io.Combo.Input("router", options=paths.router_names(), default=paths.BUILTIN_ROUTER,
+                               tooltip=t["router"]),
+                io.Combo.Input("mode", options=["auto", *expert_names(include_compat=True)], default="auto",
+                               tooltip=t["mode"]),
+                io.Float.Input("temperature", default=0.0, min=0.0, max=10.0, step=0.01, tooltip=t["temperature"]),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=t["denoise"]),
+                ExpertPoolType.Input("expert_pool", optional=True, tooltip=t["expert_pool"]),
+            ],
+            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, router=None, mode=None) -> bool | str:
+        # Named here, these skip core's combo check: custom expert names ("euler/normal/20") can
+        # be forced from API prompts, and a bad router name gets a message that names the input.
+        if isinstance(router, str):
+            try:
+                paths.resolve_router(router)
+            except ValueError as exc:
+                return str(exc)
+        if isinstance(mode, str) and mode != "auto" and mode not in expert_names(include_compat=True):
+            try:
+                bridge.check_custom_expert_name(mode)
+            except ValueError as exc:
+                return f"mode: {exc}; use 'auto', a built-in expert or a custom expert's name"
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, router=None, **kwargs) -> Any:
+        # The output depends on the router file's contents: re-run when it is retrained.
+        return (router, paths.router_mtime(router) if isinstance(router, str) else None)
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, cfg, priority, router, mode, temperature,
+                denoise, expert_pool=None) -> io.NodeOutput:
+        run = run_adaptive(model, positive, negative, latent_image, seed, cfg, priority, router, mode, temperature,
+                           denoise, expert_pool)
+        ui = run.ui()
+        _notify(ui["moe_run"][0], getattr(cls.hidden, "unique_id", None))
+        return io.NodeOutput(run.latent, ui=ui)
+
+
+class MoEExpert(io.ComfyNode):
+    """Any ComfyUI sampler + scheduler + steps as an expert."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        t = TOOLTIPS
+        return io.Schema(
+            node_id="MoEExpert",
+            display_name="MoE Expert",
+            category=CATEGORY,
+            description="Makes an expert from a ComfyUI sampler, scheduler and step count, named like "
+                        "'euler/normal/20'. Connect it to MoE Expert Pool.",
+            inputs=[
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, tooltip=t["sampler_name"]),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, tooltip=t["scheduler"]),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=t["steps"]),
+                io.Combo.Input("stop_rule", options=list(bridge.CUSTOM_STOP_RULES), default="none", optional=True,
+                               tooltip=t["stop_rule"]),
+            ],
+            outputs=[ExpertType.Output(tooltip="The expert, for MoE Expert Pool.")],
+        )
+
+    @classmethod
+    def execute(cls, sampler_name, scheduler, steps, stop_rule="none") -> io.NodeOutput:
+        return io.NodeOutput(bridge.expert_from_comfy(sampler_name, scheduler, steps, stop_rule))
+
+
+class MoEBuiltinExpert(io.ComfyNode):
+    """One built-in expert as MOE_EXPERT."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MoEBuiltinExpert",
+            display_name="MoE Built-in Expert",
+            category=CATEGORY,
+            description="Outputs one of the pack's built-in experts as MOE_EXPERT.",
+            inputs=[io.Combo.Input("expert", options=expert_names(include_compat=True), tooltip=TOOLTIPS["expert"])],
+            outputs=[ExpertType.Output(tooltip="The expert, for MoE Expert Pool.")],
+        )
+
+    @classmethod
+    def execute(cls, expert) -> io.NodeOutput:
+        return io.NodeOutput(get_expert(expert))
+
+
+class MoEExpertPool(io.ComfyNode):
+    """The experts the router may choose from: toggles for built-ins plus custom experts."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        toggles = [
+            io.Boolean.Input(name, default=not get_expert(name).compat, tooltip=builtin_tooltip(name))
+            for name in expert_names(include_compat=True)
+        ]
+        customs = [
+            ExpertType.Input(f"expert_{i}", optional=True,
+                             tooltip="A custom expert (MoE Expert or MoE Built-in Expert) to add to the pool.")
+            for i in range(1, CUSTOM_EXPERT_SLOTS + 1)
+        ]
+        return io.Schema(
+            node_id="MoEExpertPool",
+            display_name="MoE Expert Pool",
+            category=CATEGORY,
+            description="Chooses the experts MoE Adaptive Sampler may use: switch built-in experts on or off "
+                        "and connect custom ones.",
+            inputs=[*toggles, *customs, ExpertPoolType.Input("pool", optional=True, tooltip=TOOLTIPS["pool"])],
+            outputs=[ExpertPoolType.Output(tooltip="The pool, for MoE Adaptive Sampler's expert_pool.")],
+        )
+
+    @classmethod
+    def execute(cls, pool=None, **inputs) -> io.NodeOutput:
+        enabled = {name: bool(inputs.get(name, False)) for name in expert_names(include_compat=True)}
+        customs = [inputs.get(f"expert_{i}") for i in range(1, CUSTOM_EXPERT_SLOTS + 1)]
+        experts = bridge.check_pool(bridge.assemble_pool(enabled, customs, pool))
+        return io.NodeOutput(experts)
+
+
+NODES: list[type[io.ComfyNode]] = [MoEAdaptiveSampler, MoEExpert, MoEBuiltinExpert, MoEExpertPool]
