@@ -1,0 +1,356 @@
+"""Router training on the workflow's own model: the trainer's ``Environment`` for ComfyUI.
+
+A **context** is one generation the user cares about: a prompt of the list, a size, a cfg
+value and a noise seed. For each context :class:`ComfyEnvironment` runs, once, a
+high-accuracy **reference** through ComfyUI's own sampling path (the bridge, so model
+patches, LoRA and ControlNet apply as in real use): DPM-Solver++(2M) on a Karras schedule
+with ``REFERENCE_STEPS`` steps from the same noise the experts get. Each expert then runs
+from that noise and is scored by its relative latent error,
+
+    relative_error = rms(x - x_ref) / rms(x_ref),   quality = clip(-log10(error) / 3, 0, 1)
+
+(the analytic yardstick's documented quality map: 10% error scores 0.33, 1% scores 0.67,
+0.1% or less scores 1). Deterministic experts converge to the reference, so their error is
+their discretisation error; ancestral experts land elsewhere and score low, as they should
+against a fidelity target.
+
+Prompts are encoded once with the workflow's CLIP, the way core's CLIPTextEncode does.
+References and outcomes are cached per context (a repeated context costs nothing), and each
+fresh expert run can be reported to ``on_run`` (the training node records it in the stats
+store). ComfyUI is imported inside functions only; the input parsers here are pure Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_STEPS = 100
+MAX_PROMPTS = 1000
+MAX_RESOLUTION = 16384
+MAX_CFG = 100.0
+_SIZE = re.compile(r"^(\d+)\s*[x×X*]\s*(\d+)$")
+_SEPARATORS = re.compile(r"[,;\n]+")
+
+
+class TrainingInputError(ValueError):
+    """A training input the node cannot use; the message starts with the input's name."""
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+
+def parse_prompts(text: Any, input_name: str = "prompts") -> list[str]:
+    """One prompt per non-empty line, surrounding spaces removed, duplicates dropped (first kept)."""
+    if not isinstance(text, str):
+        raise TrainingInputError(f"{input_name}: expected text with one prompt per line, got {type(text).__name__}")
+    prompts = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+    if not prompts:
+        raise TrainingInputError(f"{input_name}: enter at least one prompt, one per line")
+    if len(prompts) > MAX_PROMPTS:
+        raise TrainingInputError(f"{input_name}: {len(prompts)} prompts; at most {MAX_PROMPTS} per training run")
+    return prompts
+
+
+def _items(text: Any, input_name: str, example: str) -> list[str]:
+    if not isinstance(text, str):
+        raise TrainingInputError(f"{input_name}: expected a comma-separated list like {example!r}, got {type(text).__name__}")
+    items = [item.strip() for item in _SEPARATORS.split(text) if item.strip()]
+    if not items:
+        raise TrainingInputError(f"{input_name}: enter at least one value, comma-separated, e.g. {example!r}")
+    return items
+
+
+def parse_sizes(text: Any, input_name: str = "sizes") -> list[tuple[int, int]]:
+    """``"512x512, 512x768"`` -> ``[(512, 512), (512, 768)]`` as (width, height).
+
+    Each size is WIDTHxHEIGHT in pixels, both multiples of 8 (the latent is 8x smaller) between
+    16 and 16384, separated by commas, semicolons or new lines; duplicates are dropped.
+    """
+    sizes = []
+    for item in _items(text, input_name, "512x512, 512x768"):
+        match = _SIZE.match(item)
+        if not match:
+            raise TrainingInputError(f"{input_name}: {item!r} is not WIDTHxHEIGHT (e.g. '512x768')")
+        width, height = int(match.group(1)), int(match.group(2))
+        for value, what in ((width, "width"), (height, "height")):
+            if not (16 <= value <= MAX_RESOLUTION) or value % 8:
+                raise TrainingInputError(
+                    f"{input_name}: {item!r} has {what} {value}; use multiples of 8 from 16 to {MAX_RESOLUTION}"
+                )
+        sizes.append((width, height))
+    return list(dict.fromkeys(sizes))
+
+
+def parse_cfgs(text: Any, input_name: str = "cfg_values") -> list[float]:
+    """``"4, 7.5"`` -> ``[4.0, 7.5]``: finite numbers in (0, 100], duplicates dropped."""
+    values = []
+    for item in _items(text, input_name, "4, 7.5"):
+        try:
+            value = float(item)
+        except ValueError:
+            raise TrainingInputError(f"{input_name}: {item!r} is not a number (e.g. '4, 7.5')") from None
+        if not (math.isfinite(value) and 0.0 < value <= MAX_CFG):
+            raise TrainingInputError(f"{input_name}: {item!r} is out of range; cfg values must be in (0, {MAX_CFG:g}]")
+        values.append(value)
+    return list(dict.fromkeys(values))
+
+
+MODES = {"full sweep": "sweep", "bandit": "bandit"}
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The trainer node's inputs, parsed and checked; every error names the input at fault."""
+
+    prompts: tuple[str, ...]
+    negative: str
+    sizes: tuple[tuple[int, int], ...]
+    cfgs: tuple[float, ...]
+    priority: float
+    episodes: int
+    seeds_per_prompt: int
+    mode: str  # the trainer's mode: "sweep" or "bandit"
+    router_name: str  # file name, ".safetensors" included
+    resume: bool
+
+    @classmethod
+    def from_inputs(cls, prompts: Any, negative_prompt: Any, sizes: Any, cfg_values: Any, priority: Any,
+                    episodes: Any, seeds_per_prompt: Any, mode: Any, router_name: Any, resume: Any) -> "TrainingPlan":
+        from .paths import check_save_name
+
+        if mode not in MODES:
+            raise TrainingInputError(f"mode: must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        for name, value in (("episodes", episodes), ("seeds_per_prompt", seeds_per_prompt)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TrainingInputError(f"{name}: must be a whole number >= 1, got {value!r}")
+        if isinstance(priority, bool) or not isinstance(priority, (int, float)) or not (0.0 <= priority <= 1.0):
+            raise TrainingInputError(f"priority: must be a number in [0, 1] (0 = speed, 1 = quality), got {priority!r}")
+        if not isinstance(negative_prompt, str):
+            raise TrainingInputError(f"negative_prompt: expected text, got {type(negative_prompt).__name__}")
+        return cls(tuple(parse_prompts(prompts)), negative_prompt, tuple(parse_sizes(sizes)),
+                   tuple(parse_cfgs(cfg_values)), float(priority), episodes, seeds_per_prompt, MODES[mode],
+                   check_save_name(router_name, "router_name"), bool(resume))
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values, skipping non-finite ones (NaN while none is finite)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i + 1 - window):i + 1] if math.isfinite(v)]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return out
+
+
+# ------------------------------------------------------------------------------------ contexts
+
+
+@dataclass(frozen=True)
+class ComfyContext:
+    """One training generation: prompt index, latent size in pixels, cfg and noise seed."""
+
+    prompt: int
+    width: int
+    height: int
+    cfg: float
+    seed: int
+
+
+def training_contexts(n_prompts: int, sizes: Sequence[tuple[int, int]], cfgs: Sequence[float],
+                      seeds_per_prompt: int) -> list[ComfyContext]:
+    """Every combination of prompt, size, cfg and seed (seeds ``0 .. seeds_per_prompt - 1``)."""
+    if seeds_per_prompt < 1:
+        raise TrainingInputError(f"seeds_per_prompt: must be >= 1, got {seeds_per_prompt}")
+    return [ComfyContext(p, w, h, c, s) for p in range(n_prompts) for (w, h) in sizes for c in cfgs
+            for s in range(seeds_per_prompt)]
+
+
+def relative_error(x: Any, reference: Any) -> float:
+    """``rms(x - reference) / rms(reference)`` over the whole latent (inf for non-finite x)."""
+    import torch
+
+    x, reference = x.double(), reference.double()
+    if not torch.isfinite(x).all():
+        return math.inf
+    scale = float(reference.square().mean().sqrt())
+    return float((x - reference).square().mean().sqrt()) / max(scale, 1e-12)
+
+
+def quality_from_relative_error(error: float) -> float:
+    """The documented quality map: ``clip(-log10(error) / 3, 0, 1)`` (0 for a failed run)."""
+    if not math.isfinite(error):
+        return 0.0
+    return min(max(-math.log10(max(error, 1e-12)) / 3.0, 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class ExpertRunReport:
+    """A fresh expert run on a context, as the training node records it."""
+
+    context: ComfyContext
+    expert: str
+    nfe: int
+    steps: int
+    seconds: float
+    quality: float
+    relative_error: float
+    success: bool
+    error: str | None
+    priority: float | None
+    state: Any
+
+
+class ComfyEnvironment:
+    """The trainer's ``Environment`` on a ComfyUI MODEL and CLIP (see the module docstring).
+
+    Args:
+        model: ComfyUI ``MODEL`` (a ModelPatcher); never modified.
+        clip: ComfyUI ``CLIP`` used to encode ``prompts`` and ``negative``.
+        prompts, negative: prompt texts; the negative prompt is shared by all contexts.
+        contexts: the finite set of contexts to draw from (:func:`training_contexts`).
+        reference_steps: steps of the reference solve.
+        on_run: called with an :class:`ExpertRunReport` after every fresh expert run.
+
+    ComfyUI's interrupt (checked at every sampling step by the bridge) propagates out of
+    :meth:`evaluate` untouched; nothing is cached for the run it stopped.
+    """
+
+    def __init__(self, model: Any, clip: Any, prompts: Sequence[str], negative: str,
+                 contexts: Sequence[ComfyContext], reference_steps: int = REFERENCE_STEPS,
+                 on_run: Callable[[ExpertRunReport], None] | None = None) -> None:
+        from . import bridge
+
+        if not contexts:
+            raise TrainingInputError("prompts: no training contexts (no prompt, size or cfg value)")
+        self.model, self.clip = model, clip
+        self.prompts, self.negative = list(prompts), negative
+        self.contexts = list(contexts)
+        self.reference_steps = reference_steps
+        self.on_run = on_run
+        self.family = bridge.model_family(model)
+        self._conditioning: dict[int | None, Any] = {}
+        self._references: dict[ComfyContext, Any] = {}
+        self._outcomes: dict[tuple, Any] = {}
+        self._last_state: tuple[ComfyContext, float, Any] | None = None
+
+    # -- conditioning and latents
+
+    def conditioning(self, prompt: int | None) -> Any:
+        """CONDITIONING of a prompt index (None: the negative prompt), encoded once."""
+        import torch
+
+        if prompt not in self._conditioning:
+            text = self.negative if prompt is None else self.prompts[prompt]
+            with torch.inference_mode():
+                self._conditioning[prompt] = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+        return self._conditioning[prompt]
+
+    def latent(self, context: ComfyContext) -> dict:
+        """An empty LATENT of the context's size, like core's EmptyLatentImage (batch 1, on the CPU;
+        the bridge adapts the channel count to the model and moves it to the model's device)."""
+        import torch
+
+        return {"samples": torch.zeros([1, 4, context.height // 8, context.width // 8])}
+
+    # -- the Environment protocol
+
+    def sample_context(self, rng: random.Random) -> ComfyContext:
+        """One of the finite contexts, drawn with ``rng`` only."""
+        return rng.choice(self.contexts)
+
+    def state(self, context: ComfyContext, priority: float) -> Any:
+        """The context's router state [64] for ``priority`` (source "training")."""
+        from ..router.features import state_from_conditioning
+
+        state = state_from_conditioning(self.conditioning(context.prompt), self.conditioning(None),
+                                        (1, 4, context.height // 8, context.width // 8), context.cfg, 1.0,
+                                        self.family, priority, source="training")
+        self._last_state = (context, priority, state)
+        return state
+
+    def evaluate(self, context: ComfyContext, experts: Sequence[Any]) -> list[Any]:
+        """Reference once for the context, then each expert from the same noise; one Outcome each."""
+        return [self._evaluate_one(context, expert) for expert in experts]
+
+    # -- runs
+
+    def outcomes(self) -> list[Any]:
+        """Every outcome measured so far (one per context and expert), in measuring order."""
+        return list(self._outcomes.values())
+
+    def _sample(self, context: ComfyContext, expert: Any, attempts: list | None = None) -> tuple[Any, Any]:
+        import torch
+
+        from . import bridge
+
+        # Sampling needs no autograd even while the router trains. No previews or per-run
+        # progress (the node shows per-episode progress); no fallback: a failing expert must
+        # score as a failure, not as BalancedMaster's result.
+        with torch.inference_mode():
+            return bridge.sample_with_expert(
+                self.model, expert, self.conditioning(context.prompt), self.conditioning(None), self.latent(context),
+                seed=context.seed, cfg=context.cfg, denoise=1.0, preview=False, disable_pbar=True, fallback=None,
+                attempts=attempts,
+            )
+
+    def reference_expert(self) -> Any:
+        """The reference solver: QualityMaster's DPM-Solver++(3M) on a Karras schedule with
+        ``reference_steps`` steps (2.5x QualityMaster's 40, so its own error is ~15x smaller)."""
+        from ..experts import get_expert
+
+        base = get_expert("QualityMaster")
+        descriptor = dataclasses.replace(base.descriptor, name="Reference", steps=self.reference_steps, max_nfe=0)
+        return dataclasses.replace(base, descriptor=descriptor)
+
+    def reference(self, context: ComfyContext) -> Any:
+        """The reference latent of a context (computed once)."""
+        if context not in self._references:
+            latent, _ = self._sample(context, self.reference_expert())
+            self._references[context] = latent["samples"].detach().float().cpu()
+        return self._references[context]
+
+    def _evaluate_one(self, context: ComfyContext, expert: Any) -> Any:
+        from ..router.environment import Outcome
+
+        key = (context, expert.name, expert.descriptor)
+        if key in self._outcomes:
+            return self._outcomes[key]
+        reference = self.reference(context)
+        start = time.perf_counter()
+        latent, error_text, attempts = None, None, []
+        try:
+            latent, report = self._sample(context, expert, attempts)
+            nfe, steps, seconds = report.nfe, report.steps, report.seconds
+        except (RuntimeError, ValueError, ArithmeticError) as exc:  # ComfyUI's interrupt is none of these
+            logger.warning("MoE training: expert %s failed on %s: %s", expert.name, context, exc)
+            error_text = f"{type(exc).__name__}: {exc}"
+            last = attempts[-1] if attempts else None
+            nfe = last.nfe if last else 0
+            steps = last.steps if last else 0
+            seconds = last.seconds if last else time.perf_counter() - start
+        if latent is not None:
+            error = relative_error(latent["samples"].detach().float().cpu(), reference)
+        else:
+            error = math.inf
+        success = math.isfinite(error)
+        quality = quality_from_relative_error(error)
+        outcome = Outcome(expert.name, error, quality, nfe, seconds, success)
+        self._outcomes[key] = outcome
+        if self.on_run is not None:
+            priority, state = None, None
+            if self._last_state is not None and self._last_state[0] == context:
+                _, priority, state = self._last_state
+            self.on_run(ExpertRunReport(context, expert.name, nfe, steps, seconds, quality,
+                                        error, success, error_text or (None if success else "non-finite output"),
+                                        priority, state))
+        return outcome

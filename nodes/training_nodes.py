@@ -1,0 +1,388 @@
+"""Training and stats nodes (V3): MoE Router Trainer and MoE Stats.
+
+Node ids are frozen (saved workflows refer to them). The work is in :func:`train_router` and
+:func:`stats_report`, which tests call directly; ``execute`` only reads inputs and wraps the
+result for ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from comfy_api.latest import io, ui
+
+from ..experts import default_pool
+from . import bridge, paths, routes
+from .comfy_environment import (
+    MODES,
+    REFERENCE_STEPS,
+    ComfyEnvironment,
+    ExpertRunReport,
+    TrainingPlan,
+    moving_average,
+    parse_cfgs,
+    parse_prompts,
+    parse_sizes,
+    training_contexts,
+)
+
+logger = logging.getLogger(__name__)
+
+CATEGORY = "sampling/moe"
+TRAINING_SEED = 0  # fixed, so that an interrupted run resumes to exactly the run it would have been
+ExpertPoolType = io.Custom("MOE_EXPERT_POOL")
+
+TOOLTIPS = {
+    "model": "The diffusion model to train the router for (the same MODEL you sample with; LoRAs and patches "
+             "applied upstream are part of what it learns).",
+    "clip": "Text encoder used to encode the prompts, as CLIP Text Encode does.",
+    "prompts": "Training prompts, one per line: the kind of prompts you generate. Blank lines are ignored.",
+    "negative_prompt": "Negative prompt used for every training generation.",
+    "sizes": "Image sizes to train on, WIDTHxHEIGHT in pixels (multiples of 8), comma-separated, e.g. "
+             "'512x512, 512x768'.",
+    "cfg_values": "Guidance scales to train on, comma-separated, e.g. '4, 7.5' (high cfg makes sampling stiffer).",
+    "priority": "Priority (0 = speed, 1 = quality) at which the report shows the trained router's picks. "
+                "Training itself covers all priorities, so the sampler's priority needs no retraining.",
+    "episodes": "Total training episodes: each draws one context (prompt, size, cfg, seed). With resume, a "
+                "stopped run continues up to this total; raise it to train further.",
+    "seeds_per_prompt": "Noise seeds per prompt: every prompt x size x cfg x seed is one training context.",
+    "mode": "'full sweep' runs every expert on each context (fast to learn; for training). 'bandit' runs only "
+            "the router's pick (what ordinary use produces).",
+    "router_name": "Name of the router file saved in models/moe_routers (letters, digits, '-', '_', '.'; "
+                   "'.safetensors' is added). An existing router of that name is replaced when training ends.",
+    "resume": "On: continue the stopped or finished training run of this name (or fine-tune the saved "
+              "router of this name). Off: start from the untrained default router.",
+    "expert_pool": "Experts to train on (MoE Expert Pool). Not connected: the five main built-in experts.",
+    "reference_steps": "Steps of the high-accuracy reference each expert is scored against (DPM-Solver++(3M), "
+                       "Karras). More steps measure fidelity more exactly and cost one longer run per context.",
+    "stats_router": "Which runs to summarise: '(all)', the built-in default router, a saved router file, or "
+                    "'manual' (runs whose expert was forced).",
+}
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What :func:`train_router` produced."""
+
+    router_file: str
+    path: Path
+    curve: Any  # PIL image
+    report: str
+    episodes: int
+    resumed_from: int
+    runs_recorded: int
+
+
+def checkpoint_path(router_file: str) -> Path:
+    """The resumable training state of a router: internal user dir, never the models folder."""
+    return paths.stats_store_path().parent / "training" / (Path(router_file).stem + ".checkpoint.safetensors")
+
+
+def _initial_router(plan: TrainingPlan, save_path: Path, checkpoint: Path) -> Any:
+    from ..router.model import Router, RouterLoadError
+
+    if plan.resume and not checkpoint.exists() and save_path.exists():
+        try:
+            router = Router.load(save_path)  # fine-tune the saved router
+        except RouterLoadError as exc:
+            raise ValueError(f"resume: cannot continue from {save_path.name}: {exc}; turn resume off") from None
+    else:
+        router = Router.default()
+    router.name = save_path.stem
+    return router
+
+
+def _record_run(store: Any, label: str, mode: str, run: ExpertRunReport) -> bool:
+    from ..router.store import RunRecord
+
+    try:
+        record = RunRecord(
+            expert=run.expert, router=label, nfe=run.nfe, steps=run.steps, seconds=max(run.seconds, 0.0),
+            success=run.success, source="training", quality=run.quality if run.success else None,
+            propensity=1.0 if mode == "sweep" else None, priority=run.priority, state=run.state,
+            error=run.error, seed=run.context.seed,
+        )
+        return bool(store.record_async(record))
+    except Exception:  # the store must never break training
+        logger.exception("could not record a training run of %s", run.expert)
+        return False
+
+
+def train_router(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any] | None = None,
+                 node_id: Any = None, reference_steps: int = REFERENCE_STEPS) -> TrainingOutcome:
+    """Train (or resume) a router on the workflow's model and save it to ``models/moe_routers``.
+
+    Interruption (ComfyUI's Cancel) is checked between episodes and at every sampling step.
+    The trainer's checkpoint (:func:`checkpoint_path`, in the internal user directory) is
+    written atomically after every episode, so an interrupted run keeps its state for
+    ``resume``; the router file is written only when training completes (atomically too), and
+    the interrupt is re-raised for ComfyUI to report. Every fresh expert run is recorded in the
+    stats store with source "training" and the router's file name.
+    """
+    import torch
+
+    # ComfyUI runs nodes in inference mode; the router's weights need autograd (sampling inside
+    # the environment re-enters inference mode).
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(model, clip, plan, expert_pool, node_id, reference_steps)
+
+
+def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any] | None, node_id: Any,
+           reference_steps: int) -> TrainingOutcome:
+    import comfy.model_management
+    import comfy.utils
+
+    from ..router.trainer import MoERLTrainer
+
+    pool = bridge.check_pool(default_pool() if expert_pool is None else expert_pool)
+    save_path = paths.router_save_path(plan.router_name, "router_name")
+    checkpoint = checkpoint_path(save_path.name)
+    if not plan.resume and checkpoint.exists():
+        checkpoint.unlink()  # our own resumable state; the user asked to start over
+    store = paths.stats_store()
+    recorded = [0]
+
+    def on_run(run: ExpertRunReport) -> None:
+        recorded[0] += _record_run(store, save_path.name, plan.mode, run)
+
+    contexts = training_contexts(len(plan.prompts), plan.sizes, plan.cfgs, plan.seeds_per_prompt)
+    environment = ComfyEnvironment(model, clip, plan.prompts, plan.negative, contexts, reference_steps, on_run)
+    try:
+        trainer = MoERLTrainer(environment, _initial_router(plan, save_path, checkpoint), list(pool), mode=plan.mode,
+                               seed=TRAINING_SEED, checkpoint_path=checkpoint, checkpoint_every=1)
+    except ValueError as exc:
+        if not checkpoint.exists():
+            raise
+        # A checkpoint of another pool or mode, or of an older feature version.
+        raise ValueError(f"resume: {exc}; turn resume off to start a new training run") from None
+    resumed_from = trainer.episode
+    progress = comfy.utils.ProgressBar(plan.episodes, node_id=node_id)
+    progress.update_absolute(min(resumed_from, plan.episodes), plan.episodes)
+    result = trainer.train(plan.episodes, progress=lambda done, total, info: progress.update_absolute(done, total),
+                           should_stop=comfy.model_management.processing_interrupted)
+    store.flush(timeout=10)
+    if result.stopped:
+        logger.info("MoE training of %s interrupted at episode %d; resume continues from there",
+                    save_path.name, result.episodes)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise comfy.model_management.InterruptProcessingException()
+    trainer.router.save(save_path)
+    report = training_report(plan, save_path.name, trainer, environment, result, resumed_from, reference_steps)
+    return TrainingOutcome(save_path.name, save_path, training_curve(result, save_path.name), report,
+                           result.episodes, resumed_from, recorded[0])
+
+
+def training_curve(result: Any, router_file: str) -> Any:
+    """The learning curve: reward of the router's pick and of the best expert, smoothed."""
+    from ..router.charts import line_chart
+
+    episodes = list(range(1, len(result.rewards) + 1))
+    window = max(1, len(episodes) // 10)
+    series = {f"router's pick (mean of {window})": (episodes, moving_average(result.rewards, window))}
+    if any(math.isfinite(v) for v in result.oracle_rewards):
+        series[f"best expert (mean of {window})"] = (episodes, moving_average(result.oracle_rewards, window))
+    return line_chart(series, title=f"Router training: {router_file}", xlabel="episode",
+                      ylabel="reward = quality - lambda(priority) x cost")
+
+
+def _mean(values: Any) -> float:
+    finite = [float(v) for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def training_report(plan: TrainingPlan, router_file: str, trainer: Any, environment: ComfyEnvironment,
+                    result: Any, resumed_from: int, reference_steps: int) -> str:
+    """A plain-text summary: what was trained, measured fidelity per expert, picks per context."""
+    mode = "full sweep" if plan.mode == "sweep" else "bandit"
+    lines = [
+        f"Router {router_file} saved to models/{paths.ROUTER_FOLDER}.",
+        f"Mode {mode}; episodes {result.episodes}" + (f" (resumed at {resumed_from})" if resumed_from else "")
+        + f"; {len(environment.contexts)} contexts; pool: {', '.join(e.name for e in trainer.experts)}.",
+    ]
+    window = max(1, min(10, len(result.rewards)))
+    if result.rewards:
+        line = f"Mean reward over the last {window} episodes: router {_mean(result.rewards[-window:]):.3f}"
+        if any(math.isfinite(v) for v in result.oracle_rewards[-window:]):
+            line += f", best expert {_mean(result.oracle_rewards[-window:]):.3f}"
+        lines.append(line + ".")
+    lines += ["", f"Measured in this session (relative latent error to a {reference_steps}-step reference):",
+              f"{'expert':<24}{'runs':>5}{'quality':>9}{'rel.err':>10}{'NFE':>6}{'sec':>8}"]
+    by_expert: dict[str, list[Any]] = {}
+    for outcome in environment.outcomes():
+        by_expert.setdefault(outcome.expert, []).append(outcome)
+    for name, outcomes in by_expert.items():
+        ok = [o for o in outcomes if o.success]
+        lines.append(f"{name[:23]:<24}{len(outcomes):>5}{_mean(o.quality for o in ok):>9.3f}"
+                     f"{_mean(o.relative_error for o in ok):>10.2e}{_mean(o.nfe for o in ok):>6.0f}"
+                     f"{_mean(o.seconds for o in ok):>8.2f}")
+    lines += ["", f"Picks at priority {plan.priority:.2f}:"]
+    shown = environment.contexts[:12]
+    for context in shown:
+        selection = trainer.router.select(environment.state(context, plan.priority), trainer.experts,
+                                          priority=plan.priority)
+        prompt = plan.prompts[context.prompt]
+        prompt = prompt if len(prompt) <= 32 else prompt[:31] + "…"
+        lines.append(f"  {prompt!r} {context.width}x{context.height} cfg {context.cfg:g} seed {context.seed}: "
+                     f"{selection.expert} ({selection.confidence:.0%})")
+    if len(environment.contexts) > len(shown):
+        lines.append(f"  … and {len(environment.contexts) - len(shown)} more contexts")
+    return "\n".join(lines)
+
+
+class MoERouterTrainer(io.ComfyNode):
+    """Trains a router on the workflow's own model and prompts, and saves it."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        t = TOOLTIPS
+        return io.Schema(
+            node_id="MoERouterTrainer",
+            display_name="MoE Router Trainer",
+            category=CATEGORY,
+            description="Teaches a router which expert suits your model and prompts: runs the experts on "
+                        "training contexts, scores them against a high-accuracy reference from the same noise, "
+                        "and saves the router to models/moe_routers for MoE Adaptive Sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip=t["model"]),
+                io.Clip.Input("clip", tooltip=t["clip"]),
+                io.String.Input("prompts", multiline=True, tooltip=t["prompts"],
+                                default="a photograph of a lighthouse at dusk\na watercolor painting of a fox"),
+                io.String.Input("negative_prompt", multiline=True, default="blurry, low quality",
+                                tooltip=t["negative_prompt"]),
+                io.String.Input("sizes", default="512x512, 512x768", tooltip=t["sizes"]),
+                io.String.Input("cfg_values", default="4, 7.5", tooltip=t["cfg_values"]),
+                io.Float.Input("priority", default=0.5, min=0.0, max=1.0, step=0.05,
+                               display_mode=io.NumberDisplay.slider, tooltip=t["priority"]),
+                io.Int.Input("episodes", default=40, min=1, max=100000, tooltip=t["episodes"]),
+                io.Int.Input("seeds_per_prompt", default=2, min=1, max=64, tooltip=t["seeds_per_prompt"]),
+                io.Combo.Input("mode", options=list(MODES), default="full sweep", tooltip=t["mode"]),
+                io.String.Input("router_name", default="my_router", tooltip=t["router_name"]),
+                io.Boolean.Input("resume", default=True, tooltip=t["resume"]),
+                io.Int.Input("reference_steps", default=REFERENCE_STEPS, min=10, max=1000,
+                             tooltip=t["reference_steps"]),
+                ExpertPoolType.Input("expert_pool", optional=True, tooltip=t["expert_pool"]),
+            ],
+            outputs=[
+                io.String.Output("router", tooltip="File name of the saved router (pick it in MoE Adaptive Sampler)."),
+                io.Image.Output("training_curve", tooltip="Learning curve: reward of the router's pick per episode."),
+                io.String.Output("report", tooltip="Text summary: measured fidelity per expert and the router's picks."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompts=None, sizes=None, cfg_values=None, router_name=None) -> bool | str:
+        # Inputs named here are checked before the queue accepts the prompt; linked ones arrive as None.
+        checks = ((parse_prompts, prompts), (parse_sizes, sizes), (parse_cfgs, cfg_values),
+                  (paths.check_save_name, router_name))
+        for check, value in checks:
+            if value is not None:
+                try:
+                    check(value)
+                except ValueError as exc:
+                    return str(exc)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, router_name=None, **kwargs) -> Any:
+        # Re-run when the saved router changed or vanished since the cached run.
+        try:
+            stat = paths.router_save_path(router_name).stat()
+            return (router_name, stat.st_mtime_ns, stat.st_size)
+        except (ValueError, OSError, TypeError):
+            return (router_name, None)
+
+    @classmethod
+    def execute(cls, model, clip, prompts, negative_prompt, sizes, cfg_values, priority, episodes, seeds_per_prompt,
+                mode, router_name, resume, reference_steps=REFERENCE_STEPS, expert_pool=None) -> io.NodeOutput:
+        from ..router.charts import image_to_comfy_tensor
+
+        plan = TrainingPlan.from_inputs(prompts, negative_prompt, sizes, cfg_values, priority, episodes,
+                                        seeds_per_prompt, mode, router_name, resume)
+        outcome = train_router(model, clip, plan, expert_pool, getattr(cls.hidden, "unique_id", None), reference_steps)
+        return io.NodeOutput(outcome.router_file, image_to_comfy_tensor(outcome.curve), outcome.report,
+                             ui=ui.PreviewText(outcome.report))
+
+
+# ---------------------------------------------------------------------------------------- stats
+
+
+def stats_filter_options() -> list[str]:
+    """MoE Stats dropdown: all, the built-in router, every saved router, forced runs."""
+    return [routes.ALL_ROUTERS, *paths.router_names(), routes.MANUAL_ROUTER]
+
+
+def stats_report(router: str = routes.ALL_ROUTERS) -> tuple[Any, str, dict]:
+    """``(chart PIL image, text table, JSON payload)`` for a router filter."""
+    from ..router.charts import expert_stats_chart
+    from ..router.store import ExpertStats
+
+    payload = routes.stats_payload(router)
+    stats = [ExpertStats(**entry) for entry in payload["experts"]]
+    title = f"MoE experts: {payload['router'] or 'all routers'}"
+    return expert_stats_chart(stats, title=title), routes.stats_text(payload), payload
+
+
+def _store_fingerprint() -> Any:
+    path = paths.stats_store_path()
+    stamps = []
+    for candidate in (path, path.with_name(path.name + "-wal")):
+        try:
+            stat = os.stat(candidate)
+            stamps.append((stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
+class MoEStats(io.ComfyNode):
+    """Per-expert statistics from the stats store, as a chart and a table."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MoEStats",
+            display_name="MoE Stats",
+            category=CATEGORY,
+            description="Shows how each expert has done so far (quality, speed, efficiency, success rate, router "
+                        "confidence, model calls, time) from the runs recorded in the stats store.",
+            inputs=[io.Combo.Input("router", options=stats_filter_options(), default=routes.ALL_ROUTERS,
+                                   tooltip=TOOLTIPS["stats_router"])],
+            outputs=[io.Image.Output("chart", tooltip="Bar chart of the per-expert scores."),
+                     io.String.Output("table", tooltip="The same numbers as a text table.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, router=None) -> bool | str:
+        # Named here, the router skips the dropdown check: API prompts may name any recorded router.
+        if router is not None:
+            try:
+                routes.check_router_filter(router)
+            except ValueError as exc:
+                return str(exc)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, router=None) -> Any:
+        # The store changes under the same inputs: re-run whenever its files changed.
+        return (router, _store_fingerprint())
+
+    @classmethod
+    def execute(cls, router) -> io.NodeOutput:
+        from ..router.charts import image_to_comfy_tensor
+
+        chart, table, payload = stats_report(routes.check_router_filter(router))
+        return io.NodeOutput(image_to_comfy_tensor(chart), table, ui={"text": [table], "moe_stats": [payload]})
+
+
+NODES: list[type[io.ComfyNode]] = [MoERouterTrainer, MoEStats]

@@ -1,0 +1,350 @@
+"""The pack inside a real ComfyUI server, driven over its HTTP API like a user's browser would.
+
+One server per module (``main.py --cpu`` on a free loopback port, everything under a temporary
+base directory, the tiny SD1.5-family checkpoint built once). Every example workflow is
+converted from the UI format to an API prompt, shrunk to 64x64 and run; the outputs, the
+stats store, the saved router, interruption and bad input are checked.
+
+Run: ``COMFYUI_PATH=/work/comfyui /work/venv-comfy/bin/python -m pytest tests/test_comfy_workflows.py -q``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers.comfy_server import (
+    TINY_CHECKPOINT_NAME,
+    ComfyServer,
+    PromptRejected,
+    build_tiny_checkpoint,
+    status_messages,
+    workflow_to_prompt,
+)
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "example_workflows"
+BUILTIN_ROUTER = "(built-in default)"
+# Cheap experts and a short reference keep a training context to a few seconds on a 2-core CPU.
+CHEAP_POOL = {"QualityMaster": False, "EarlyStopper": False, "NoiseAdaptive": False}
+SMALL_TRAINING = {"prompts": "a red apple on a table", "negative_prompt": "blurry", "sizes": "64x64",
+                  "cfg_values": "5", "episodes": 3, "seeds_per_prompt": 1, "reference_steps": 24}
+
+
+def declared_node_ids() -> set[str]:
+    """Node ids the pack's node modules declare (read from the source, no ComfyUI import)."""
+    ids = set()
+    for module in ("sampler_nodes.py", "training_nodes.py"):
+        ids |= set(re.findall(r'node_id="(MoE\w+)"', (ROOT / "nodes" / module).read_text(encoding="utf-8")))
+    return ids
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    comfy = os.environ["COMFYUI_PATH"]
+    checkpoints = tmp_path_factory.getbasetemp() / "moe_tiny_checkpoint"
+    build_tiny_checkpoint(comfy, checkpoints)
+    with ComfyServer(comfy, tmp_path_factory.mktemp("comfy_workflows"), checkpoint_dir=checkpoints) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.object_info()
+
+
+def store_path(server: ComfyServer) -> Path:
+    return server.user_dir / "__moe_sampler" / "stats.sqlite3"
+
+
+def store_rows(server: ComfyServer) -> list[dict]:
+    """Every stored run (read-only connection; the server may be writing)."""
+    path = store_path(server)
+    if not path.exists():
+        return []
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(row) for row in conn.execute("SELECT * FROM runs ORDER BY id")]
+
+
+def store_integrity(server: ComfyServer) -> str:
+    with sqlite3.connect(f"file:{store_path(server)}?mode=ro", uri=True) as conn:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def wait_rows(server: ComfyServer, count: int, timeout: float = 15.0) -> list[dict]:
+    """Rows once at least ``count`` exist (the sampler records off the hot path)."""
+    deadline = time.monotonic() + timeout
+    rows = store_rows(server)
+    while len(rows) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+        rows = store_rows(server)
+    return rows
+
+
+def load_prompt(name: str, object_info: dict, overrides: dict[str, dict] | None = None) -> dict:
+    """An example workflow as an API prompt: tiny checkpoint, 64x64 latents, ``overrides`` by node type."""
+    workflow = json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
+    prompt = workflow_to_prompt(workflow, object_info)
+    small = {"CheckpointLoaderSimple": {"ckpt_name": TINY_CHECKPOINT_NAME},
+             "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+             "MoEExpert": {"steps": 4}}
+    for node in prompt.values():
+        node["inputs"].update(small.get(node["class_type"], {}))
+        node["inputs"].update((overrides or {}).get(node["class_type"], {}))
+    return prompt
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    return next(key for key, node in prompt.items() if node["class_type"] == class_type)
+
+
+def run_ok(server: ComfyServer, prompt: dict, timeout: float = 600.0) -> dict:
+    entry = server.wait_for(server.queue_prompt(prompt), timeout)
+    messages = status_messages(entry)
+    assert entry["status"]["status_str"] == "success", json.dumps(messages.get("execution_error"), indent=1)[:4000]
+    return entry
+
+
+def output_images(server: ComfyServer, entry: dict, node: str) -> list[Path]:
+    images = entry["outputs"][node]["images"]
+    folders = {"output": server.output_dir, "temp": server.base_dir / "temp"}
+    return [folders[image["type"]] / image["subfolder"] / image["filename"] for image in images]
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def test_pack_loads_without_import_failure(server):
+    line = server.pack_import_line()
+    assert line is not None, server.log_tail()
+    assert "IMPORT FAILED" not in line, server.log_tail()
+
+
+def test_object_info_lists_every_node_with_tooltips(object_info):
+    declared = declared_node_ids()
+    assert {"MoEAdaptiveSampler", "MoEExpert", "MoEExpertPool", "MoERouterTrainer", "MoEStats"} <= declared
+    listed = {name for name in object_info if name.startswith("MoE")}
+    assert listed == declared
+    for name in declared:
+        info = object_info[name]
+        assert info["category"] == "sampling/moe"
+        for section in ("required", "optional"):
+            for input_name, spec in info["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+
+
+def test_routes_answer(server):
+    experts = server.get_json("/moe_sampler/experts")
+    assert {"QualityMaster", "SpeedDemon", "BalancedMaster"} <= {e["name"] for e in experts}
+    assert all("steps" in e and "solver" in e for e in experts)
+    assert isinstance(server.get_json("/moe_sampler/routers"), list)
+    stats = server.get_json("/moe_sampler/stats")
+    assert stats["healthy"] is True and isinstance(stats["experts"], list)
+    assert server.get_json("/api/moe_sampler/stats?router=(all)")["router"] is None
+
+
+def test_example_workflows_are_served_as_templates(server):
+    templates = server.get_json("/api/workflow_templates")
+    listed = next(iter(v for k, v in templates.items() if "moe_sampler" in k))
+    assert {f"{p.stem}" for p in WORKFLOWS.glob("*.json")} <= set(listed)
+
+
+# ------------------------------------------------------------------------- example workflows
+
+
+def test_text_to_image_workflow(server, object_info):
+    before = len(store_rows(server))
+    prompt = load_prompt("moe_text_to_image.json", object_info, {"MoEAdaptiveSampler": {"seed": 11}})
+    entry = run_ok(server, prompt)
+    sampler = node_of(prompt, "MoEAdaptiveSampler")
+    run = entry["outputs"][sampler]["moe_run"][0]
+    assert run["expert"] and run["nfe"] > 0 and run["seconds"] > 0 and 0 <= run["confidence"] <= 1
+    assert run["router"] == "default" and run["fallback"] is False
+    images = output_images(server, entry, node_of(prompt, "SaveImage"))
+    assert images and all(p.is_file() and p.stat().st_size > 0 for p in images)
+    rows = wait_rows(server, before + 1)
+    newest = rows[-1]
+    assert (newest["expert"], newest["source"], newest["router"], newest["success"]) == (
+        run["expert"], "sampling", "default", 1)
+
+
+def test_custom_expert_pool_workflow(server, object_info):
+    before = len(store_rows(server))
+    prompt = load_prompt("moe_custom_expert_pool.json", object_info,
+                         {"MoEAdaptiveSampler": {"seed": 12}, "MoEExpertPool": {"SpeedDemon": False,
+                                                                                "BalancedMaster": False}})
+    pool_names = {f"{n['inputs']['sampler_name']}/{n['inputs']['scheduler']}/{n['inputs']['steps']}"
+                  for n in prompt.values() if n["class_type"] == "MoEExpert"}
+    entry = run_ok(server, prompt)
+    run = entry["outputs"][node_of(prompt, "MoEAdaptiveSampler")]["moe_run"][0]
+    assert any(run["expert"].startswith(name) for name in pool_names), (run["expert"], pool_names)
+    assert output_images(server, entry, node_of(prompt, "SaveImage"))[0].is_file()
+    assert wait_rows(server, before + 1)[-1]["expert"] == run["expert"]
+
+
+def test_router_training_workflow_saves_a_router_the_sampler_uses(server, object_info):
+    from moe_sampler.router.model import Router
+
+    before = len(store_rows(server))
+    prompt = load_prompt("moe_router_training.json", object_info, {
+        "MoERouterTrainer": {**SMALL_TRAINING, "router_name": "trained_in_test", "resume": False},
+        "MoEExpertPool": CHEAP_POOL})
+    entry = run_ok(server, prompt)
+    curve = output_images(server, entry, node_of(prompt, "PreviewImage"))
+    assert curve and curve[0].is_file()
+    report = entry["outputs"][node_of(prompt, "MoERouterTrainer")]["text"][0]
+    assert "trained_in_test.safetensors" in report and "SpeedDemon" in report
+
+    path = server.models_dir / "moe_routers" / "trained_in_test.safetensors"
+    router = Router.load(path)
+    assert router.training["contexts"] == SMALL_TRAINING["episodes"]
+    assert not list(path.parent.glob("*.tmp"))
+    rows = [r for r in wait_rows(server, before + 3)[before:] if r["source"] == "training"]
+    # One context: the reference once, then each of the two experts once (repeats are cached).
+    assert sorted(r["expert"] for r in rows) == ["BalancedMaster", "SpeedDemon"]
+    assert {r["router"] for r in rows} == {"trained_in_test.safetensors"}
+    assert all(r["success"] == 1 and 0 <= r["quality"] <= 1 for r in rows)
+
+    routers = server.get_json("/moe_sampler/routers")
+    listed = next(r for r in routers if r["name"] == "trained_in_test.safetensors")
+    assert listed["compatible"] is True and listed["training"]["contexts"] == SMALL_TRAINING["episodes"]
+
+    sample = load_prompt("moe_text_to_image.json", server.object_info(),
+                         {"MoEAdaptiveSampler": {"seed": 13, "router": "trained_in_test.safetensors"}})
+    run = run_ok(server, sample)["outputs"][node_of(sample, "MoEAdaptiveSampler")]["moe_run"][0]
+    assert run["router"] == "trained_in_test.safetensors"
+
+
+def test_stats_workflow_shows_the_recorded_runs(server, object_info):
+    rows = store_rows(server)
+    assert rows, "runs from the earlier workflows should be in the store"
+    prompt = load_prompt("moe_stats.json", object_info)
+    entry = run_ok(server, prompt)
+    ui = entry["outputs"][node_of(prompt, "MoEStats")]
+    table, payload = ui["text"][0], ui["moe_stats"][0]
+    assert payload["runs"] == len(rows)
+    for expert in {r["expert"] for r in rows}:
+        assert expert[:23] in table
+    assert output_images(server, entry, node_of(prompt, "PreviewImage"))[0].is_file()
+
+    # Re-queued unchanged after new runs, the node re-executes (its fingerprint follows the store).
+    run_ok(server, load_prompt("moe_text_to_image.json", object_info, {"MoEAdaptiveSampler": {"seed": 14}}))
+    wait_rows(server, len(rows) + 1)
+    again = run_ok(server, prompt)["outputs"][node_of(prompt, "MoEStats")]["moe_stats"][0]
+    assert again["runs"] == len(rows) + 1
+
+    filtered = server.get_json("/moe_sampler/stats?router=trained_in_test.safetensors")
+    assert filtered["router"] == "trained_in_test.safetensors"
+    assert sum(e["runs"] for e in filtered["experts"]) == sum(
+        1 for r in store_rows(server) if r["router"] == "trained_in_test.safetensors")
+
+
+# ------------------------------------------------------------------------------ interruption
+
+
+def _interrupt_when(server: ComfyServer, prompt: dict, condition, timeout: float = 300.0) -> dict:
+    """Queue ``prompt`` on a fresh websocket client, POST /interrupt once ``condition(event)``."""
+    client = uuid.uuid4().hex
+    with server.events(client) as events:
+        prompt_id = server.queue_prompt(prompt, client_id=client)
+        assert events.wait_for(condition, timeout) is not None, "the run never reached the interrupt point"
+        server.interrupt()
+    entry = server.wait_for(prompt_id, timeout)
+    assert "execution_interrupted" in status_messages(entry), status_messages(entry)
+    return entry
+
+
+def test_interrupted_training_keeps_the_store_and_resumes(server, object_info):
+    from moe_sampler.router.model import Router
+
+    before = store_rows(server)
+    name = "interrupted_router"
+    settings = {**SMALL_TRAINING, "seeds_per_prompt": 4, "episodes": 8, "router_name": name, "resume": True}
+    prompt = load_prompt("moe_router_training.json", object_info,
+                         {"MoERouterTrainer": settings, "MoEExpertPool": CHEAP_POOL})
+    trainer = node_of(prompt, "MoERouterTrainer")
+    # After the first episode: its checkpoint is on disk, three fresh contexts are still to run.
+    _interrupt_when(server, prompt, lambda e: e["type"] == "progress" and e["data"].get("node") == trainer
+                    and e["data"]["value"] >= 1)
+
+    assert store_integrity(server) == "ok"
+    after = store_rows(server)
+    assert after[:len(before)] == before, "earlier rows changed"
+    folder = server.models_dir / "moe_routers"
+    assert not (folder / f"{name}.safetensors").exists(), "an interrupted run must not save the router"
+    assert not list(folder.glob("*.tmp")) and not list((server.user_dir / "__moe_sampler").rglob("*.tmp"))
+    checkpoint = server.user_dir / "__moe_sampler" / "training" / f"{name}.checkpoint.safetensors"
+    assert checkpoint.is_file()
+
+    # Queued again with resume on, it continues from the checkpoint to the requested total.
+    entry = run_ok(server, prompt)
+    report = entry["outputs"][trainer]["text"][0]
+    assert "resumed at" in report
+    assert Router.load(folder / f"{name}.safetensors").training["contexts"] == settings["episodes"]
+    assert store_integrity(server) == "ok"
+
+
+def test_interrupted_sampling_records_the_run_as_failed(server, object_info):
+    before = store_rows(server)
+    prompt = load_prompt("moe_custom_expert_pool.json", object_info, {
+        "MoEAdaptiveSampler": {"seed": 15, "mode": "euler/karras/200"},
+        "MoEExpert": {"steps": 200, "sampler_name": "euler", "scheduler": "karras", "stop_rule": "none"}})
+    sampler = node_of(prompt, "MoEAdaptiveSampler")
+    _interrupt_when(server, prompt, lambda e: e["type"] == "progress" and e["data"].get("node") == sampler
+                    and e["data"]["value"] >= 2)
+    rows = wait_rows(server, len(before) + 1)
+    assert store_integrity(server) == "ok"
+    assert rows[:len(before)] == before
+    newest = rows[-1]
+    assert newest["expert"] == "euler/karras/200" and newest["success"] == 0 and "interrupt" in newest["error"]
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+def _rejected(server: ComfyServer, prompt: dict) -> str:
+    with pytest.raises(PromptRejected) as caught:
+        server.queue_prompt(prompt)
+    return json.dumps(caught.value.body)
+
+
+@pytest.mark.parametrize(("node_type", "inputs", "named"), [
+    ("MoEAdaptiveSampler", {"router": "../../secrets.safetensors"}, "router"),
+    ("MoEAdaptiveSampler", {"router": "missing_router.safetensors"}, "router"),
+    ("MoERouterTrainer", {"router_name": "../escape"}, "router_name"),
+    ("MoERouterTrainer", {"sizes": "512by512"}, "sizes"),
+    ("MoERouterTrainer", {"sizes": "500x512"}, "sizes"),
+    ("MoERouterTrainer", {"cfg_values": "7, lots"}, "cfg_values"),
+    ("MoERouterTrainer", {"prompts": "  \n \n"}, "prompts"),
+    ("MoEStats", {"router": "../../x.safetensors"}, "router"),
+])
+def test_bad_input_is_rejected_naming_the_input(server, object_info, node_type, inputs, named):
+    before = store_rows(server)
+    workflow = {"MoEAdaptiveSampler": "moe_text_to_image.json", "MoERouterTrainer": "moe_router_training.json",
+                "MoEStats": "moe_stats.json"}[node_type]
+    body = _rejected(server, load_prompt(workflow, object_info, {node_type: inputs}))
+    assert f"{named}:" in body or f'"{named}"' in body, body
+    assert store_rows(server) == before
+
+
+def test_forced_expert_outside_the_pool_fails_naming_mode(server, object_info):
+    before = store_rows(server)
+    prompt = load_prompt("moe_custom_expert_pool.json", object_info,
+                         {"MoEAdaptiveSampler": {"seed": 16, "mode": "SpeedDemon"},
+                          "MoEExpertPool": {"SpeedDemon": False}})
+    entry = server.wait_for(server.queue_prompt(prompt))
+    error = status_messages(entry).get("execution_error")
+    assert error is not None and "mode" in error["exception_message"] and "SpeedDemon" in error["exception_message"]
+    assert store_integrity(server) == "ok"
+    assert store_rows(server) == before

@@ -1,0 +1,337 @@
+"""The ComfyUI-free logic of the training and stats nodes.
+
+- parsing of the trainer's text inputs (prompts, sizes, cfg values, router name, ...) with
+  errors that name the input;
+- :class:`ComfyEnvironment` (the trainer's Environment on a ComfyUI model) with the bridge
+  replaced by the analytic model: reference once per context, each expert once per context,
+  every fresh run reported, failures scored as failures, ComfyUI's interrupt never swallowed,
+  and MoERLTrainer learning and resuming on it;
+- the stats text table and the stats filter check of ``nodes/routes.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import import_node_module
+
+environment_module = import_node_module("comfy_environment")
+bridge = import_node_module("bridge")
+routes = import_node_module("routes")
+
+from moe_sampler.experts import get_expert  # noqa: E402
+from moe_sampler.experts.analytic import AnalyticModel, PromptSpec  # noqa: E402
+from moe_sampler.router.trainer import MoERLTrainer  # noqa: E402
+
+ComfyEnvironment = environment_module.ComfyEnvironment
+TrainingInputError = environment_module.TrainingInputError
+TrainingPlan = environment_module.TrainingPlan
+
+
+# ------------------------------------------------------------------------------------ parsing
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("a cat\na dog", ["a cat", "a dog"]),
+    ("  a cat  \n\n\t\na dog\n", ["a cat", "a dog"]),
+    ("a cat\na cat\na dog", ["a cat", "a dog"]),
+    ("a cat, sitting; on a mat", ["a cat, sitting; on a mat"]),
+    ("one\r\ntwo", ["one", "two"]),
+])
+def test_prompts_are_one_per_line(text, expected):
+    assert environment_module.parse_prompts(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("512x512, 512x768", [(512, 512), (512, 768)]),
+    ("512x512;768X512\n1024×1024", [(512, 512), (768, 512), (1024, 1024)]),
+    (" 64 x 64 ,64x64", [(64, 64)]),
+    ("16x8192", [(16, 8192)]),
+])
+def test_sizes_parse_as_width_by_height(text, expected):
+    assert environment_module.parse_sizes(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("4, 7.5", [4.0, 7.5]),
+    ("1;2\n3.25", [1.0, 2.0, 3.25]),
+    ("7, 7.0, 8", [7.0, 8.0]),
+    ("1e1", [10.0]),
+])
+def test_cfg_values_parse_as_numbers(text, expected):
+    assert environment_module.parse_cfgs(text) == expected
+
+
+@pytest.mark.parametrize(("parser", "value", "input_name", "hint"), [
+    ("parse_prompts", "", "prompts", "at least one prompt"),
+    ("parse_prompts", " \n\t\n", "prompts", "at least one prompt"),
+    ("parse_prompts", None, "prompts", "one prompt per line"),
+    ("parse_prompts", "\n".join(f"p{i}" for i in range(1001)), "prompts", "at most 1000"),
+    ("parse_sizes", "", "sizes", "at least one value"),
+    ("parse_sizes", "512by512", "sizes", "WIDTHxHEIGHT"),
+    ("parse_sizes", "512x", "sizes", "WIDTHxHEIGHT"),
+    ("parse_sizes", "-512x512", "sizes", "WIDTHxHEIGHT"),
+    ("parse_sizes", "500x512", "sizes", "multiples of 8"),
+    ("parse_sizes", "8x512", "sizes", "from 16"),
+    ("parse_sizes", "512x20000", "sizes", "16384"),
+    ("parse_sizes", 512, "sizes", "comma-separated"),
+    ("parse_cfgs", "", "cfg_values", "at least one value"),
+    ("parse_cfgs", "7, lots", "cfg_values", "'lots' is not a number"),
+    ("parse_cfgs", "0", "cfg_values", "(0, 100]"),
+    ("parse_cfgs", "-3", "cfg_values", "(0, 100]"),
+    ("parse_cfgs", "nan", "cfg_values", "(0, 100]"),
+    ("parse_cfgs", "inf", "cfg_values", "(0, 100]"),
+    ("parse_cfgs", "101", "cfg_values", "(0, 100]"),
+])
+def test_bad_text_inputs_name_the_input(parser, value, input_name, hint):
+    with pytest.raises(TrainingInputError) as caught:
+        getattr(environment_module, parser)(value)
+    message = str(caught.value)
+    assert message.startswith(f"{input_name}:") and hint in message, message
+    assert isinstance(caught.value, ValueError)
+
+
+def _plan_inputs(**changes):
+    inputs = dict(prompts="a cat\na dog", negative_prompt="blurry", sizes="512x512", cfg_values="4, 7.5",
+                  priority=0.5, episodes=10, seeds_per_prompt=2, mode="full sweep", router_name="my_router",
+                  resume=True)
+    inputs.update(changes)
+    return inputs
+
+
+def test_training_plan_from_inputs():
+    plan = TrainingPlan.from_inputs(**_plan_inputs(mode="bandit", router_name="night_shots.safetensors"))
+    assert plan.prompts == ("a cat", "a dog") and plan.sizes == ((512, 512),) and plan.cfgs == (4.0, 7.5)
+    assert plan.mode == "bandit" and plan.router_name == "night_shots.safetensors" and plan.resume is True
+    assert TrainingPlan.from_inputs(**_plan_inputs()).mode == "sweep"
+
+
+@pytest.mark.parametrize(("changes", "input_name"), [
+    ({"mode": "sweep-all"}, "mode"),
+    ({"episodes": 0}, "episodes"),
+    ({"episodes": 2.5}, "episodes"),
+    ({"episodes": True}, "episodes"),
+    ({"seeds_per_prompt": 0}, "seeds_per_prompt"),
+    ({"priority": 1.5}, "priority"),
+    ({"priority": "high"}, "priority"),
+    ({"negative_prompt": None}, "negative_prompt"),
+    ({"router_name": "../escape"}, "router_name"),
+    ({"router_name": "sub/dir"}, "router_name"),
+    ({"router_name": ""}, "router_name"),
+    ({"router_name": ".hidden"}, "router_name"),
+    ({"router_name": "a" * 101}, "router_name"),
+    ({"sizes": "512x511"}, "sizes"),
+    ({"cfg_values": "x"}, "cfg_values"),
+    ({"prompts": ""}, "prompts"),
+])
+def test_training_plan_errors_name_the_input(changes, input_name):
+    with pytest.raises(ValueError) as caught:
+        TrainingPlan.from_inputs(**_plan_inputs(**changes))
+    assert str(caught.value).startswith(f"{input_name}:"), str(caught.value)
+
+
+def test_training_contexts_cover_every_combination():
+    contexts = environment_module.training_contexts(2, [(64, 64), (64, 96)], [4.0, 7.5], 3)
+    assert len(contexts) == 2 * 2 * 2 * 3 == len(set(contexts))
+    assert {c.seed for c in contexts} == {0, 1, 2} and {c.prompt for c in contexts} == {0, 1}
+    with pytest.raises(TrainingInputError, match="^seeds_per_prompt:"):
+        environment_module.training_contexts(1, [(64, 64)], [4.0], 0)
+
+
+def test_quality_map_and_relative_error():
+    quality = environment_module.quality_from_relative_error
+    assert quality(1.0) == 0.0 and quality(1e-3) == 1.0 and quality(1e-6) == 1.0
+    assert quality(0.1) == pytest.approx(1 / 3) and quality(0.01) == pytest.approx(2 / 3)
+    assert quality(math.inf) == 0.0 and quality(math.nan) == 0.0
+    errors = [0.5, 0.1, 0.03, 0.01, 0.002]
+    assert [quality(e) for e in errors] == sorted(quality(e) for e in errors)
+    reference = torch.ones(1, 4, 8, 8)
+    assert environment_module.relative_error(reference.clone(), reference) == 0.0
+    assert environment_module.relative_error(reference * 1.1, reference) == pytest.approx(0.1)
+    assert environment_module.relative_error(torch.full_like(reference, math.nan), reference) == math.inf
+
+
+def test_moving_average_skips_gaps():
+    average = environment_module.moving_average
+    assert average([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    smoothed = average([math.nan, 2.0, math.nan, 4.0], 3)
+    assert math.isnan(smoothed[0]) and smoothed[1:] == [2.0, 2.0, 3.0]
+    with pytest.raises(ValueError):
+        average([1.0], 0)
+
+
+# ------------------------------------------------------------------ the environment, analytically
+
+
+class FakeClip:
+    """A CLIP stand-in: a seeded [1, 77, 768] embedding per text, as CLIPTextEncode returns it."""
+
+    def __init__(self) -> None:
+        self.encoded: list[str] = []
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        self.encoded.append(tokens)
+        g = torch.Generator().manual_seed(sum(map(ord, tokens)) + len(tokens))
+        return [[torch.randn(1, 77, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+
+
+class Interrupted(Exception):
+    """Stands for comfy.model_management.InterruptProcessingException (a plain Exception)."""
+
+
+class FakeBridge:
+    """``bridge.sample_with_expert`` on an analytic model whose shape matches the 16x16 latent."""
+
+    def __init__(self, fail: set[str] = frozenset(), interrupt: set[str] = frozenset()) -> None:
+        self.model = AnalyticModel([PromptSpec(seed=3, n_modes=3, anisotropy=8.0)], shape=(4, 2, 2))
+        self.calls: list[tuple[str, int]] = []
+        self.fail, self.interrupt = set(fail), set(interrupt)
+
+    def sample_with_expert(self, model, expert, positive, negative, latent, seed, cfg, denoise=1.0, sigmas=None,
+                           callback=None, preview=True, disable_pbar=None, attempts=None, fallback="BalancedMaster"):
+        assert preview is False and fallback is None and disable_pbar is True
+        assert latent["samples"].shape == (1, 4, 2, 2)
+        self.calls.append((expert.name, seed))
+        if expert.name in self.interrupt:
+            raise Interrupted()
+        if expert.name in self.fail:
+            raise RuntimeError("the expert blew up")
+        sigmas = expert.sigmas(self.model.schedule(), denoise)
+        x = self.model.initial_noise(1, seed, float(sigmas[0]))
+        out, run = expert.run(self.model, x, sigmas, extra_args={"cond": 0, "cfg": cfg, "seed": seed})
+        return {"samples": out}, SimpleNamespace(nfe=run.nfe, steps=run.steps, seconds=run.seconds)
+
+
+@pytest.fixture
+def fake_bridge(monkeypatch):
+    fake = FakeBridge()
+    monkeypatch.setattr(bridge, "sample_with_expert", fake.sample_with_expert)
+    monkeypatch.setattr(bridge, "model_family", lambda model: "eps")
+    return fake
+
+
+def _environment(fake, runs=None, seeds=2, reference_steps=60):
+    contexts = environment_module.training_contexts(2, [(16, 16)], [3.0], seeds)
+    return ComfyEnvironment(fake.model, FakeClip(), ["a cat", "a dog"], "blurry", contexts, reference_steps,
+                            on_run=None if runs is None else runs.append)
+
+
+EXPERTS = ("QualityMaster", "SpeedDemon", "BalancedMaster")
+
+
+def test_environment_runs_the_reference_once_and_each_expert_once_per_context(fake_bridge):
+    runs = []
+    env = _environment(fake_bridge, runs)
+    experts = [get_expert(name) for name in EXPERTS]
+    context = env.contexts[0]
+    state = env.state(context, 0.25)
+    assert state.shape == (64,) and torch.isfinite(state).all()
+    first = env.evaluate(context, experts)
+    again = env.evaluate(context, experts)
+    assert first == again
+    assert [name for name, _ in fake_bridge.calls] == ["Reference", *EXPERTS]
+    assert [r.expert for r in runs] == list(EXPERTS)
+    assert all(r.priority == 0.25 and r.state is state and r.context == context and r.success for r in runs)
+    assert [o.expert for o in first] == list(EXPERTS)
+    # Deterministic experts converge to the reference: more steps, higher order, closer.
+    quality = {o.expert: o.quality for o in first}
+    assert quality["QualityMaster"] > quality["BalancedMaster"] > quality["SpeedDemon"] > 0.0
+    assert all(o.success and o.nfe > 0 and 0.0 <= o.quality <= 1.0 for o in first)
+    # CLIP encodes each text once (both prompts share the negative).
+    env.state(env.contexts[-1], 0.5)
+    assert sorted(env.clip.encoded) == ["a cat", "a dog", "blurry"]
+
+
+def test_environment_scores_a_failing_expert_as_a_failure(fake_bridge):
+    fake_bridge.fail = {"SpeedDemon"}
+    runs = []
+    env = _environment(fake_bridge, runs)
+    outcomes = env.evaluate(env.contexts[0], [get_expert("SpeedDemon"), get_expert("BalancedMaster")])
+    assert (outcomes[0].success, outcomes[0].quality, outcomes[0].relative_error) == (False, 0.0, math.inf)
+    assert outcomes[1].success
+    assert runs[0].error.startswith("RuntimeError") and runs[0].success is False
+
+
+def test_environment_never_swallows_the_interrupt(fake_bridge):
+    fake_bridge.interrupt = {"BalancedMaster"}
+    runs = []
+    env = _environment(fake_bridge, runs)
+    with pytest.raises(Interrupted):
+        env.evaluate(env.contexts[0], [get_expert("SpeedDemon"), get_expert("BalancedMaster")])
+    assert [r.expert for r in runs] == ["SpeedDemon"]
+    fake_bridge.interrupt = set()
+    env.evaluate(env.contexts[0], [get_expert("SpeedDemon"), get_expert("BalancedMaster")])
+    assert [r.expert for r in runs] == ["SpeedDemon", "BalancedMaster"], "the interrupted run was not cached"
+
+
+def test_environment_draws_only_its_contexts(fake_bridge):
+    env = _environment(fake_bridge, seeds=3)
+    rng = random.Random(5)
+    drawn = {env.sample_context(rng) for _ in range(200)}
+    assert drawn == set(env.contexts)
+
+
+def test_trainer_learns_and_resumes_on_the_environment(fake_bridge, tmp_path):
+    experts = [get_expert(name) for name in EXPERTS]
+    checkpoint = tmp_path / "run.checkpoint.safetensors"
+    first = MoERLTrainer(_environment(fake_bridge), None, experts, mode="sweep", seed=0, checkpoint_path=checkpoint,
+                         checkpoint_every=1)
+    partial = first.train(3)
+    assert partial.episodes == 3 and checkpoint.is_file()
+    resumed = MoERLTrainer(_environment(fake_bridge), None, experts, mode="sweep", seed=0,
+                           checkpoint_path=checkpoint, checkpoint_every=1)
+    assert resumed.episode == 3
+    done = resumed.train(6)
+    straight = MoERLTrainer(_environment(fake_bridge), None, experts, mode="sweep", seed=0).train(6)
+    assert done.episodes == 6 and done.rewards == straight.rewards
+    assert all(math.isfinite(r) for r in done.rewards + done.oracle_rewards)
+
+
+# ------------------------------------------------------------------------------------- stats
+
+
+def _entry(name, runs=3, **values):
+    fields = dict(quality_score=0.5, speed_score=1.0, efficiency_score=0.5, success_rate=1.0, mean_confidence=0.8,
+                  mean_nfe=20.0, mean_seconds=1.5)
+    fields.update(values)
+    return {"expert": name, "runs": runs, **fields}
+
+
+def test_stats_text_table():
+    payload = {"router": None, "runs": 5, "healthy": True, "problem": None,
+               "experts": [_entry("BalancedMaster"), _entry("euler/karras/24", runs=2, quality_score=None,
+                                                           mean_confidence=None)]}
+    text = routes.stats_text(payload)
+    lines = text.splitlines()
+    assert lines[0] == "MoE stats (all routers): 5 runs"
+    assert lines[2].split() == ["BalancedMaster", "3", "0.50", "1.00", "0.50", "100%", "80%", "20.0", "1.50"]
+    assert lines[3].split()[:3] == ["euler/karras/24", "2", "n/a"] and "n/a" in lines[3].split()[6]
+    assert "no runs recorded yet" in routes.stats_text({"router": "x.safetensors", "experts": [], "healthy": True})
+    unhealthy = routes.stats_text({"router": None, "experts": [], "healthy": False, "problem": "disk on fire"})
+    assert "unavailable" in unhealthy and "disk on fire" in unhealthy
+
+
+@pytest.mark.parametrize("value", ["(all)", "(built-in default)", "default", "manual", "my_router.safetensors",
+                                   "sub/my_router.safetensors"])
+def test_stats_router_filter_accepts(value):
+    assert routes.check_router_filter(value) == value
+
+
+@pytest.mark.parametrize("value", ["../x.safetensors", "/etc/x.safetensors", "a\\b.safetensors", "x.pt", "", None])
+def test_stats_router_filter_refuses_paths(value):
+    with pytest.raises(ValueError, match="^router:"):
+        routes.check_router_filter(value)
+
+
+def test_router_filter_maps_the_dropdown_to_store_labels():
+    assert routes.router_filter(None) is None and routes.router_filter("(all)") is None
+    assert routes.router_filter("(built-in default)") == "default"
+    assert routes.router_filter("x.safetensors") == "x.safetensors"
