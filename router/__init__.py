@@ -1,0 +1,40 @@
+"""The router: state features, the expert scorer, selection, training and the stats store.
+
+Pure torch (PIL for charts); no ComfyUI import. Names are imported lazily so that
+``router.store`` stays importable without loading the scorer.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "STATE_DIM": ".features",
+    "FEATURE_VERSION": ".features",
+    "state_from_conditioning": ".features",
+    "state_from_analytic": ".features",
+    "ExpertScorer": ".model",
+    "Router": ".model",
+    "RouterLoadError": ".model",
+    "Selection": ".policy",
+    "lambda_from_priority": ".policy",
+    "cost_from_nfe": ".policy",
+    "MoERLTrainer": ".trainer",
+    "TrainingResult": ".trainer",
+    "Environment": ".trainer",
+    "AnalyticEnvironment": ".environment",
+    "AnalyticContext": ".environment",
+    "Outcome": ".environment",
+    "AdvancedExpertSelector": ".compat",
+    "MixtureOfExperts": ".compat",
+    "ExpertRouter": ".compat",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)
