@@ -211,10 +211,14 @@ class Expert:
             return x
         counted = CountingDenoiser(model)
         start = time.perf_counter()
-        out = self.sampler(counted, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
-                           report=report, **merged)
+        try:
+            out = self.sampler(counted, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                               report=report, **merged)
+        finally:
+            # Also when the loop raises (e.g. the user interrupts): those model calls were spent.
+            if report is not None:
+                report["nfe"] = counted.calls
         if report is not None:
-            report["nfe"] = counted.calls
             report.setdefault("steps", len(sigmas) - 1)
             report["seconds"] = time.perf_counter() - start
         return out

@@ -29,7 +29,6 @@ from torch import Tensor
 
 from ..experts.base import (
     STOP_RULES,
-    CountingDenoiser,
     Expert,
     ExpertDescriptor,
     ModelSchedule,
@@ -493,22 +492,15 @@ def _run_once(model: Any, expert: Expert, sigmas: Tensor, noise: Tensor, latent_
     import comfy.sample
     import comfy.samplers
 
-    report: dict = {}
-    counter: list[CountingDenoiser] = []
+    report: dict = {}  # the expert fills nfe also when its loop is interrupted
     seen = [0]
-
-    def expert_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-        # Our own counter survives an interruption inside the loop (the expert's does not).
-        counter.append(CountingDenoiser(model_k))
-        return expert(counter[-1], x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
-
-    sampler = comfy.samplers.KSAMPLER(expert_fn, extra_options={"report": report},
+    sampler = comfy.samplers.KSAMPLER(expert, extra_options={"report": report},
                                       inpaint_options=dict(getattr(expert, "inpaint_options", {}) or {}))
     step = _step_callback(model, len(sigmas) - 1, callback, preview, seen)
     start = time.perf_counter()
 
     def attempt(outcome: str, error: str | None = None) -> Attempt:
-        return Attempt(expert=expert.name, outcome=outcome, nfe=counter[-1].calls if counter else 0,
+        return Attempt(expert=expert.name, outcome=outcome, nfe=int(report.get("nfe", 0)),
                        steps=int(report.get("steps", seen[0])),
                        seconds=float(report.get("seconds", time.perf_counter() - start)),
                        estimate=_finite_or_none(report.get("estimate")),
