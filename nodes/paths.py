@@ -153,14 +153,20 @@ _router_lock = threading.Lock()
 def load_router(name: str, input_name: str = "router"):
     """The :class:`~moe_sampler.router.model.Router` behind a dropdown value, cached per file.
 
-    The cache key includes the file's mtime and size, so a retrained router is picked up.
-    Errors (missing, corrupt, wrong feature version) are ValueErrors naming ``input_name``.
+    The cache key includes the file's mtime and size, so a retrained router is picked up; the
+    built-in default is built once (building it costs more than a routing decision). Callers
+    only read the router (``select``); training builds a router of its own. Errors (missing,
+    corrupt, wrong feature version) are ValueErrors naming ``input_name``.
     """
     from ..router.model import Router, RouterLoadError
 
     path = resolve_router(name, input_name)
     if path is None:
-        return Router.default()
+        with _router_lock:
+            cached = _router_cache.get(BUILTIN_ROUTER)
+            if cached is None:
+                cached = _router_cache[BUILTIN_ROUTER] = ((0.0, 0), Router.default())
+            return cached[1]
     stat = path.stat()
     key = (stat.st_mtime, stat.st_size)
     with _router_lock:
