@@ -3,8 +3,8 @@
 A **context** is one generation the user cares about: a prompt of the list, a size, a cfg
 value and a noise seed. For each context :class:`ComfyEnvironment` runs, once, a
 high-accuracy **reference** through ComfyUI's own sampling path (the bridge, so model
-patches, LoRA and ControlNet apply as in real use): DPM-Solver++(2M) on a Karras schedule
-with ``REFERENCE_STEPS`` steps from the same noise the experts get. Each expert then runs
+patches, LoRA and ControlNet apply as in real use): QualityMaster's DPM-Solver++(3M) on a
+Karras schedule with ``REFERENCE_STEPS`` steps from the same noise the experts get. Each expert then runs
 from that noise and is scored by its relative latent error,
 
     relative_error = rms(x - x_ref) / rms(x_ref),   quality = clip(-log10(error) / 3, 0, 1)
@@ -187,10 +187,11 @@ def relative_error(x: Any, reference: Any) -> float:
 
 
 def quality_from_relative_error(error: float) -> float:
-    """The documented quality map: ``clip(-log10(error) / 3, 0, 1)`` (0 for a failed run)."""
-    if not math.isfinite(error):
-        return 0.0
-    return min(max(-math.log10(max(error, 1e-12)) / 3.0, 0.0), 1.0)
+    """The pack's one quality map (:func:`~moe_sampler.experts.analytic.quality_from_error`,
+    ``clip(-log10(error) / 3, 0, 1)``) as a float; 0 for a failed (non-finite) run."""
+    from ..experts.analytic import quality_from_error
+
+    return float(quality_from_error(error)) if math.isfinite(error) else 0.0
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .policy import check_priority
+
 STATE_DIM = 64
 FEATURE_VERSION = 1
 FAMILIES = ("eps", "v", "flow")
@@ -118,8 +120,7 @@ def _setup_slots(state: Tensor, latent_shape: Sequence[int], cfg: float, denoise
                  model_family: str, priority: float, source: str) -> None:
     if len(latent_shape) < 2:
         raise ValueError(f"latent shape must be [B, ...], got {tuple(latent_shape)}")
-    if not (0.0 <= priority <= 1.0):
-        raise ValueError(f"priority must be in [0, 1] (0 = speed, 1 = quality), got {priority}")
+    check_priority(priority)
     if not (0.0 < denoise <= 1.0):
         raise ValueError(f"denoise must be in (0, 1], got {denoise}")
     if not math.isfinite(cfg) or cfg <= 0:
@@ -230,8 +231,7 @@ def state_from_analytic(model: Any, cond: int, cfg: float, batch: int, priority:
 
 def with_priority(state: Tensor, priority: float) -> Tensor:
     """A copy of ``state`` [..., STATE_DIM] with the priority slot set to ``priority``."""
-    if not (0.0 <= priority <= 1.0):
-        raise ValueError(f"priority must be in [0, 1], got {priority}")
+    check_priority(priority)
     out = state.clone()
     out[..., PRIORITY_SLOT] = 2 * priority - 1
     return out

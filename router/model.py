@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..experts.base import DESCRIPTOR_DIM, ExpertDescriptor
 from .features import FEATURE_VERSION, PRIORITY_SLOT, SOURCE_SLOTS, STATE_DIM
-from .policy import Selection, check_priority, choose
+from .policy import Selection, choose
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +133,7 @@ class Router:
         start = time.perf_counter()
         if experts is None or len(experts) == 0:
             raise ValueError("expert pool is empty: connect at least one MoE Expert or use the default pool")
-        check_priority(priority)
-        if not (temperature >= 0.0) or math.isinf(temperature):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-        quality, cost = self.predict(state, experts)
+        quality, cost = self.predict(state, experts)  # priority and temperature are checked by choose()
         names = [_descriptor_of(e).name for e in experts]
         selection = choose(quality, cost, names, priority, temperature, seed)
         return dataclasses.replace(selection, decision_seconds=time.perf_counter() - start)
