@@ -92,15 +92,3 @@ def seeded_noise_sampler(x: Tensor, seed: int | None):
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
 
     return sample
-
-
-def ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Split a step into a deterministic part to ``sigma_down`` and fresh noise of std ``sigma_up``
-    (k-diffusion ``get_ancestral_step``)."""
-    if not eta:
-        return sigma_to, sigma_to.new_zeros([])
-    sigma_up = torch.minimum(
-        sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    )
-    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-    return sigma_down, sigma_up
