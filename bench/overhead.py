@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     ensure_moe_sampler()
     from moe_sampler.experts import default_pool
-    from moe_sampler.nodes import bridge, paths
+    from moe_sampler.nodes import bridge, comfy_experts, paths
     from moe_sampler.nodes.sampler_nodes import MoEAdaptiveSampler, MoEExpert
     from moe_sampler.router.features import state_from_conditioning
     from moe_sampler.router.store import StatsStore
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         # core SamplerCustom.execute with the expert in KSAMPLER: no routing, no recording.
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(samples, seed, None)
-        sigmas = expert.sigmas(bridge.schedule_for(model), 1.0)
+        sigmas = expert.sigmas(comfy_experts.schedule_for(model), 1.0)
         callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
         return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.KSAMPLER(expert), sigmas, positive,
                                           negative, samples, callback=callback, disable_pbar=True, seed=seed)
@@ -145,11 +145,11 @@ def main(argv=None) -> int:
     def fixed_work(i: int) -> float:
         """Everything the node adds around sampling: checks, state, routing, store rows, badge."""
         start = time.perf_counter()
-        experts = bridge.check_pool(pool)
-        bridge.forced_expert("auto", experts)
+        experts = comfy_experts.check_pool(pool)
+        comfy_experts.forced_expert("auto", experts)
         samples = bridge.check_latent(latent)
         state_i = state_from_conditioning(positive, negative, tuple(samples.shape), cfg, 1.0,
-                                          bridge.model_family(model), 0.5)
+                                          comfy_experts.model_family(model), 0.5)
         selection = paths.load_router(builtin).select(state_i, experts, priority=0.5, temperature=0.0, seed=i)
         report = bridge.SamplingReport((bridge.Attempt(selection.expert, "ok", 20, 20, 1.0),), 20, 1.0)
         for record in bridge.run_records(report.attempts, state=state_i, selection=selection, router="default",
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         return time.perf_counter() - start
 
     state = state_from_conditioning(positive, negative, tuple(latent["samples"].shape), cfg, 1.0,
-                                    bridge.model_family(model), 0.5)
+                                    comfy_experts.model_family(model), 0.5)
     decisions, features = [], []
     for i in range(args.decisions):
         start = time.perf_counter()

@@ -229,7 +229,7 @@ class ComfyEnvironment:
     def __init__(self, model: Any, clip: Any, prompts: Sequence[str], negative: str,
                  contexts: Sequence[ComfyContext], reference_steps: int = REFERENCE_STEPS,
                  on_run: Callable[[ExpertRunReport], None] | None = None) -> None:
-        from . import bridge
+        from . import comfy_experts
 
         if not contexts:
             raise TrainingInputError("prompts: no training contexts (no prompt, size or cfg value)")
@@ -238,7 +238,7 @@ class ComfyEnvironment:
         self.contexts = list(contexts)
         self.reference_steps = reference_steps
         self.on_run = on_run
-        self.family = bridge.model_family(model)
+        self.family = comfy_experts.model_family(model)
         self._conditioning: dict[int | None, Any] = {}
         self._references: dict[ComfyContext, Any] = {}
         self._outcomes: dict[tuple, Any] = {}

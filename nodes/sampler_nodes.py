@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 from ..experts import default_pool, expert_names, get_expert
 from ..router.features import state_from_conditioning
-from . import bridge, paths
+from . import bridge, comfy_experts, paths
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +112,11 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
     ``store`` defaults to the process-wide store (:func:`paths.stats_store`). Errors name the
     node input at fault (``expert_pool``, ``mode``, ``router``, ``latent_image``).
     """
-    pool = bridge.check_pool(default_pool() if expert_pool is None else expert_pool)
-    forced = bridge.forced_expert(mode, pool)
+    pool = comfy_experts.check_pool(default_pool() if expert_pool is None else expert_pool)
+    forced = comfy_experts.forced_expert(mode, pool)
     samples = bridge.check_latent(latent_image)
     state = state_from_conditioning(positive, negative, tuple(samples.shape), max(cfg, MIN_FEATURE_CFG), denoise,
-                                    bridge.model_family(model), priority, "interactive")
+                                    comfy_experts.model_family(model), priority, "interactive")
     selection = None
     if forced is None:
         selection = paths.load_router(router).select(state, pool, priority=priority, temperature=temperature,
@@ -191,7 +191,7 @@ class MoEAdaptiveSampler(io.ComfyNode):
                 return str(exc)
         if isinstance(mode, str) and mode != "auto" and mode not in expert_names(include_compat=True):
             try:
-                bridge.check_custom_expert_name(mode)
+                comfy_experts.check_custom_expert_name(mode)
             except ValueError as exc:
                 return f"mode: {exc}; use 'auto', a built-in expert or a custom expert's name"
         return True
@@ -227,15 +227,15 @@ class MoEExpert(io.ComfyNode):
                 io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, tooltip=t["sampler_name"]),
                 io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, tooltip=t["scheduler"]),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip=t["steps"]),
-                io.Combo.Input("stop_rule", options=list(bridge.CUSTOM_STOP_RULES), default="none", optional=True,
-                               tooltip=t["stop_rule"]),
+                io.Combo.Input("stop_rule", options=list(comfy_experts.CUSTOM_STOP_RULES), default="none",
+                               optional=True, tooltip=t["stop_rule"]),
             ],
             outputs=[ExpertType.Output(tooltip="The expert, for MoE Expert Pool.")],
         )
 
     @classmethod
     def execute(cls, sampler_name, scheduler, steps, stop_rule="none") -> io.NodeOutput:
-        return io.NodeOutput(bridge.expert_from_comfy(sampler_name, scheduler, steps, stop_rule))
+        return io.NodeOutput(comfy_experts.expert_from_comfy(sampler_name, scheduler, steps, stop_rule))
 
 
 class MoEBuiltinExpert(io.ComfyNode):
@@ -285,7 +285,7 @@ class MoEExpertPool(io.ComfyNode):
     def execute(cls, pool=None, **inputs) -> io.NodeOutput:
         enabled = {name: bool(inputs.get(name, False)) for name in expert_names(include_compat=True)}
         customs = [inputs.get(f"expert_{i}") for i in range(1, CUSTOM_EXPERT_SLOTS + 1)]
-        experts = bridge.check_pool(bridge.assemble_pool(enabled, customs, pool))
+        experts = comfy_experts.check_pool(comfy_experts.assemble_pool(enabled, customs, pool))
         return io.NodeOutput(experts)
 
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from comfy_api.latest import io, ui
 
 from ..experts import default_pool
-from . import bridge, paths, routes
+from . import comfy_experts, paths, routes
 from .comfy_environment import (
     MODES,
     REFERENCE_STEPS,
@@ -142,7 +142,7 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
 
     from ..router.trainer import MoERLTrainer
 
-    pool = bridge.check_pool(default_pool() if expert_pool is None else expert_pool)
+    pool = comfy_experts.check_pool(default_pool() if expert_pool is None else expert_pool)
     save_path = paths.router_save_path(plan.router_name, "router_name")
     checkpoint = checkpoint_path(save_path.name)
     if not plan.resume and checkpoint.exists():

@@ -27,13 +27,14 @@ def env(tmp_path_factory):
     import comfy.utils
 
     model, clip, _ = load_tiny_checkpoint(tmp_path_factory.mktemp("comfy"))
-    from moe_sampler.nodes import bridge, paths, sampler_nodes
+    from moe_sampler.nodes import bridge, comfy_experts, paths, sampler_nodes
 
     paths.register_folders()
     bar = comfy.utils.PROGRESS_BAR_ENABLED
     comfy.utils.PROGRESS_BAR_ENABLED = False
     yield dict(model=model, clip=clip, positive=encode_prompt(clip, "a watercolor fox in the snow"),
-               negative=encode_prompt(clip, "blurry"), bridge=bridge, paths=paths, nodes=sampler_nodes)
+               negative=encode_prompt(clip, "blurry"), bridge=bridge, comfy_experts=comfy_experts,
+               paths=paths, nodes=sampler_nodes)
     comfy.utils.PROGRESS_BAR_ENABLED = bar
 
 
@@ -79,7 +80,7 @@ def balanced_reference(env):
 
 
 def test_forced_custom_expert_equals_ksampler(env, store):
-    expert = env["bridge"].expert_from_comfy("euler", "normal", STEPS)
+    expert = env["comfy_experts"].expert_from_comfy("euler", "normal", STEPS)
     run = adaptive(env, empty_latent(), store=store, mode=expert.name, expert_pool=(expert,))
     reference = ksampler(env, "euler", "normal", STEPS, empty_latent())["samples"]
     assert torch.equal(run.latent["samples"], reference)  # same sigmas, same sampler function, same noise
@@ -101,7 +102,7 @@ def test_balanced_master_equals_ksampler_dpmpp_2m_karras(env, store, balanced_re
 @pytest.mark.parametrize("sampler, scheduler", [("dpm_2", "karras"), ("heun", "normal"), ("uni_pc", "simple")])
 def test_custom_experts_follow_ksampler_schedules(env, sampler, scheduler):
     # dpm_2 and uni_pc drop the penultimate sigma in core KSampler; heun makes 2 calls per step.
-    expert = env["bridge"].expert_from_comfy(sampler, scheduler, 3)
+    expert = env["comfy_experts"].expert_from_comfy(sampler, scheduler, 3)
     out, report = env["bridge"].sample_with_expert(env["model"], expert, env["positive"], env["negative"],
                                                    empty_latent(), 7, CFG)
     assert torch.equal(out["samples"], ksampler(env, sampler, scheduler, 3, empty_latent())["samples"])
@@ -113,7 +114,7 @@ def test_img2img_keeps_batch_index_and_noise_mask(env):
     mask[..., :, 4:] = 1.0
     latent = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)),
               "batch_index": [3, 7], "noise_mask": mask}
-    expert = env["bridge"].expert_from_comfy("ddim", "normal", 4)  # ddim: KSAMPLER inpaint option "random"
+    expert = env["comfy_experts"].expert_from_comfy("ddim", "normal", 4)  # ddim: KSAMPLER inpaint option "random"
     out, report = env["bridge"].sample_with_expert(env["model"], expert, env["positive"], env["negative"], latent,
                                                    11, CFG, denoise=0.6)
     reference = ksampler(env, "ddim", "normal", 4, latent, seed=11, denoise=0.6)
@@ -155,14 +156,14 @@ def family_models(env):
 @pytest.mark.parametrize("family", ["eps", "v", "flow"])
 def test_model_families(env, store, family_models, family):
     model = family_models[family]
-    bridge = env["bridge"]
-    assert bridge.model_family(model) == family
+    bridge, comfy_experts = env["bridge"], env["comfy_experts"]
+    assert comfy_experts.model_family(model) == family
     run = adaptive(env, empty_latent(), store=store, model=model, mode="SpeedDemon")
     assert torch.isfinite(run.latent["samples"]).all() and run.latent["samples"].abs().max() > 0
-    expert = bridge.expert_from_comfy("euler", "simple", 3)
+    expert = comfy_experts.expert_from_comfy("euler", "simple", 3)
     out, _ = bridge.sample_with_expert(model, expert, env["positive"], env["negative"], empty_latent(), 7, CFG)
     assert torch.equal(out["samples"], ksampler(env, "euler", "simple", 3, empty_latent(), model=model)["samples"])
-    assert env["bridge"].model_family(env["model"]) == "eps"  # the patches cloned the model
+    assert comfy_experts.model_family(env["model"]) == "eps"  # the patches cloned the model
 
 
 def test_lora_patch_flows_through(env):
@@ -174,7 +175,7 @@ def test_lora_patch_flows_through(env):
             f"{key}.lora_down.weight": torch.randn(4, 768, generator=g) * 0.5,
             f"{key}.alpha": torch.tensor(4.0)}
     patched, _ = comfy.sd.load_lora_for_models(env["model"], None, lora, 1.0, 0.0)
-    expert = env["bridge"].expert_from_comfy("euler", "normal", 3)
+    expert = env["comfy_experts"].expert_from_comfy("euler", "normal", 3)
     run = lambda m: env["bridge"].sample_with_expert(m, expert, env["positive"], env["negative"],  # noqa: E731
                                                      empty_latent(), 7, CFG)[0]["samples"]
     with_lora, without = run(patched), run(env["model"])
@@ -193,7 +194,7 @@ def test_progress_fires_once_per_step(env):
     previous = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
     try:
-        expert = env["bridge"].expert_from_comfy("heun", "karras", 4)
+        expert = env["comfy_experts"].expert_from_comfy("heun", "karras", 4)
         env["bridge"].sample_with_expert(env["model"], expert, env["positive"], env["negative"], empty_latent(), 7,
                                          CFG, callback=lambda i, x0, x, total: calls.append((i, total)))
     finally:
@@ -205,7 +206,7 @@ def test_progress_fires_once_per_step(env):
 def test_interrupt_raises_and_leaves_the_store_intact(env, store):
     import comfy.model_management as mm
 
-    expert = env["bridge"].expert_from_comfy("euler", "normal", STEPS)
+    expert = env["comfy_experts"].expert_from_comfy("euler", "normal", STEPS)
     for seed in (1, 2):
         adaptive(env, empty_latent(), seed=seed, store=store, expert_pool=(expert,))
     store.flush(10)
@@ -272,7 +273,7 @@ def test_stats_store_failure_does_not_break_sampling(env, tmp_path):
 
     (tmp_path / "broken.sqlite3").write_bytes(b"this is not a database" * 100)
     broken = StatsStore(tmp_path / "broken.sqlite3")
-    expert = env["bridge"].expert_from_comfy("euler", "normal", 2)
+    expert = env["comfy_experts"].expert_from_comfy("euler", "normal", 2)
     run = adaptive(env, empty_latent(), store=broken, expert_pool=(expert,))
     assert torch.isfinite(run.latent["samples"]).all()
     broken.flush(10)
@@ -333,7 +334,7 @@ def test_trained_router_file_is_used_and_fingerprinted(env, store):
     path = os.path.join(folder_paths.get_folder_paths("moe_routers")[0], "mine.safetensors")
     Router(name="mine").save(path)
     assert "mine.safetensors" in env["paths"].router_names()
-    expert = env["bridge"].expert_from_comfy("euler", "normal", 2)
+    expert = env["comfy_experts"].expert_from_comfy("euler", "normal", 2)
     run = adaptive(env, empty_latent(), store=store, router="mine.safetensors", expert_pool=(expert,))
     assert run.router == "mine.safetensors" and run.selection.propensity == 1.0
     before = MoEAdaptiveSampler.fingerprint_inputs(router="mine.safetensors")
@@ -383,12 +384,12 @@ def test_schemas(env):
         node.GET_SCHEMA()  # ComfyUI's own validation of the schema
     sampler = NODES[0].define_schema()
     assert next(i for i in sampler.inputs if i.id == "router").options[0] == "(built-in default)"
-    assert set(comfy.samplers.SAMPLER_NAMES) <= set(env["bridge"].COMFY_SOLVERS)
+    assert set(comfy.samplers.SAMPLER_NAMES) <= set(env["comfy_experts"].COMFY_SOLVERS)
     assert issubclass(MoEExtension, object)
 
 
 def test_converged_stop_rule_returns_a_prediction(env):
-    expert = env["bridge"].expert_from_comfy("euler", "karras", 12, "converged")
+    expert = env["comfy_experts"].expert_from_comfy("euler", "karras", 12, "converged")
     out, report = env["bridge"].sample_with_expert(env["model"], expert, env["positive"], env["negative"],
                                                    empty_latent(), 7, CFG)
     assert torch.isfinite(out["samples"]).all()

@@ -18,6 +18,7 @@ from helpers import import_node_module
 
 paths = import_node_module("paths")
 bridge = import_node_module("bridge")
+comfy_experts = import_node_module("comfy_experts")
 
 from moe_sampler.experts import default_pool, expert_names, get_expert  # noqa: E402
 from moe_sampler.experts.base import Expert, ExpertDescriptor  # noqa: E402
@@ -200,7 +201,7 @@ def test_load_router_caches_by_mtime_and_names_the_input_on_errors(folders, tmp_
     ("uni_pc", 3, 1, False),
 ])
 def test_descriptor_table(sampler, order, calls, stochastic):
-    d = bridge.comfy_descriptor(sampler, "karras", 20)
+    d = comfy_experts.comfy_descriptor(sampler, "karras", 20)
     assert (d.order, d.calls_per_step, d.stochastic) == (order, calls, stochastic)
     assert d.solver == sampler and d.steps == 20 and d.schedule == "karras"
     assert d.max_nfe == math.ceil(20 * calls)
@@ -208,10 +209,10 @@ def test_descriptor_table(sampler, order, calls, stochastic):
 
 
 def test_unknown_sampler_gets_conservative_defaults():
-    d = bridge.comfy_descriptor("some_new_sampler", "normal", 10)
-    info = bridge.UNKNOWN_SOLVER
+    d = comfy_experts.comfy_descriptor("some_new_sampler", "normal", 10)
+    info = comfy_experts.UNKNOWN_SOLVER
     assert (d.order, d.calls_per_step, d.stochastic) == (info.order, info.calls_per_step, info.stochastic)
-    assert d.order <= min(i.order for i in bridge.COMFY_SOLVERS.values() if not i.stochastic)
+    assert d.order <= min(i.order for i in comfy_experts.COMFY_SOLVERS.values() if not i.stochastic)
     assert d.calls_per_step >= 2
     assert "conservative" in d.description
 
@@ -221,45 +222,45 @@ def test_unknown_sampler_gets_conservative_defaults():
     ("beta", "discrete"), ("linear_quadratic", "other"), ("kl_optimal", "other"),
 ])
 def test_schedule_families(scheduler, family):
-    assert bridge.comfy_descriptor("euler", scheduler, 5).schedule == family
+    assert comfy_experts.comfy_descriptor("euler", scheduler, 5).schedule == family
 
 
 def test_adaptive_sampler_and_stop_rule_descriptors():
-    d = bridge.comfy_descriptor("dpm_adaptive", "karras", 20)
+    d = comfy_experts.comfy_descriptor("dpm_adaptive", "karras", 20)
     assert (d.schedule, d.stop_rule) == ("adaptive", "error_control")
-    c = bridge.comfy_descriptor("euler", "normal", 30, "converged")
+    c = comfy_experts.comfy_descriptor("euler", "normal", 30, "converged")
     assert c.name == "euler/normal/30/converged" and c.stop_rule == "converged"
 
 
 @pytest.mark.parametrize("steps", [0, -1, 2.5, True, "20"])
 def test_steps_below_one_name_the_steps_input(steps):
     with pytest.raises(ValueError, match="^steps: "):
-        bridge.comfy_descriptor("euler", "normal", steps)
+        comfy_experts.comfy_descriptor("euler", "normal", steps)
 
 
 def test_stop_rule_must_be_known():
     with pytest.raises(ValueError, match="^stop_rule: "):
-        bridge.comfy_descriptor("euler", "normal", 20, "error_control")
+        comfy_experts.comfy_descriptor("euler", "normal", 20, "error_control")
 
 
 @pytest.mark.parametrize("name", ["euler/normal", "../normal/20", "euler/../20", "euler//20", "eu ler/normal/20",
                                   "euler/normal/20\x00", "BalancedMaster", 7])
 def test_custom_expert_names_cannot_escape_or_collide(name):
     with pytest.raises(ValueError):
-        bridge.check_custom_expert_name(name)
+        comfy_experts.check_custom_expert_name(name)
 
 
 def test_custom_expert_names_never_collide_with_builtins():
     assert all("/" not in name for name in expert_names(include_compat=True))
-    assert bridge.custom_expert_name("euler", "normal", 20) == "euler/normal/20"
+    assert comfy_experts.custom_expert_name("euler", "normal", 20) == "euler/normal/20"
 
 
 def test_convergence_min_steps_follows_early_stopper():
     from moe_sampler.experts.builtin import EARLY_STOP_STEPS
     from moe_sampler.experts.early_stop import DEFAULT_MIN_STEPS
 
-    assert bridge.convergence_min_steps(EARLY_STOP_STEPS) == DEFAULT_MIN_STEPS
-    assert bridge.convergence_min_steps(1) == 2
+    assert comfy_experts.convergence_min_steps(EARLY_STOP_STEPS) == DEFAULT_MIN_STEPS
+    assert comfy_experts.convergence_min_steps(1) == 2
 
 
 # ------------------------------------------------------------------------------ pools and modes
@@ -275,30 +276,30 @@ def test_pool_defaults_order_and_duplicates():
     main = [e.name for e in default_pool()]
     enabled = {name: not get_expert(name).compat for name in expert_names(include_compat=True)}
     custom = _custom()
-    pool = bridge.assemble_pool(enabled, [None, custom, _custom()])
+    pool = comfy_experts.assemble_pool(enabled, [None, custom, _custom()])
     assert [e.name for e in pool] == [*main, custom.name]
     assert pool[-1] is custom  # later duplicates of a name are dropped
     base = (get_expert(main[-1]),)
-    assert [e.name for e in bridge.assemble_pool({main[0]: True}, base=base)] == [main[-1], main[0]]
+    assert [e.name for e in comfy_experts.assemble_pool({main[0]: True}, base=base)] == [main[-1], main[0]]
 
 
 def test_pool_errors():
     with pytest.raises(ValueError, match="unknown built-in experts"):
-        bridge.assemble_pool({"NoSuchExpert": True})
+        comfy_experts.assemble_pool({"NoSuchExpert": True})
     with pytest.raises(TypeError, match="MOE_EXPERT"):
-        bridge.assemble_pool({}, ["euler"])
+        comfy_experts.assemble_pool({}, ["euler"])
     with pytest.raises(ValueError, match="^expert_pool: the expert pool is empty"):
-        bridge.check_pool(bridge.assemble_pool({name: False for name in expert_names()}))
+        comfy_experts.check_pool(comfy_experts.assemble_pool({name: False for name in expert_names()}))
     with pytest.raises(ValueError, match="^expert_pool: "):
-        bridge.check_pool(None)
+        comfy_experts.check_pool(None)
 
 
 def test_forced_mode():
     pool = tuple(default_pool())
-    assert bridge.forced_expert("auto", pool) is None
-    assert bridge.forced_expert(pool[1].name, pool) is pool[1]
+    assert comfy_experts.forced_expert("auto", pool) is None
+    assert comfy_experts.forced_expert(pool[1].name, pool) is pool[1]
     with pytest.raises(ValueError, match="^mode: expert 'FastSampler' is not in the expert pool"):
-        bridge.forced_expert("FastSampler", pool)
+        comfy_experts.forced_expert("FastSampler", pool)
 
 
 # ------------------------------------------------------------------------------ model family, latents
@@ -322,7 +323,7 @@ def _sampling(*bases: str) -> object:
     (("ModelSamplingDiscrete",), "eps"),  # unknown: eps, with a warning
 ])
 def test_model_family(bases, family):
-    assert bridge.family_of_sampling(_sampling(*bases)) == family
+    assert comfy_experts.family_of_sampling(_sampling(*bases)) == family
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])

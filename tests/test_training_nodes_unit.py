@@ -22,6 +22,7 @@ from helpers import import_node_module
 
 environment_module = import_node_module("comfy_environment")
 bridge = import_node_module("bridge")
+comfy_experts = import_node_module("comfy_experts")
 routes = import_node_module("routes")
 
 from moe_sampler.experts import get_expert  # noqa: E402
@@ -214,7 +215,7 @@ class FakeBridge:
 def fake_bridge(monkeypatch):
     fake = FakeBridge()
     monkeypatch.setattr(bridge, "sample_with_expert", fake.sample_with_expert)
-    monkeypatch.setattr(bridge, "model_family", lambda model: "eps")
+    monkeypatch.setattr(comfy_experts, "model_family", lambda model: "eps")
     return fake
 
 
