@@ -51,9 +51,10 @@ from moe_sampler.router.trainer import MoERLTrainer  # noqa: E402
 
 PRIORITIES = (0.0, 0.25, 0.5, 0.75, 1.0)
 MIDDLE = 0.5
-MODELS = {"train": 60, "heldout": 40}  # two prompts per analytic model
+MODELS = {"train": 240, "heldout": 40}  # two prompts per analytic model
 CONDITIONS = {"varied": VARIED_CONDITIONS, "standard": STANDARD_CONDITIONS}
 SEED_STRIDE = 7919
+SWEEP_EPOCHS = 2  # sweep training: episodes per training context (a context drawn again reuses its runs)
 MIN_GAP = 0.005  # utility (0.015 decades of error)
 BENCH_EXTRAS = (  # (base expert, name, steps, schedule): same solvers, other budgets/schedules
     ("SpeedDemon", "bench:2M-karras-6", 6, "karras"),
@@ -129,13 +130,17 @@ def sweep(split: str, seed: int, n: int, conditions: str, items: list[tuple[int,
 
 
 class TableEnvironment:
-    """The trainer's Environment over precomputed outcomes (contexts are table rows)."""
+    """The trainer's Environment over precomputed outcomes (contexts are the first ``rows`` table
+    rows). ``runs`` collects the distinct (context, expert) runs the trainer has asked for: a
+    context drawn again reuses its outcomes, as the analytic environment's cache does."""
 
-    def __init__(self, env: AnalyticEnvironment, table: Table) -> None:
+    def __init__(self, env: AnalyticEnvironment, table: Table, rows: int | None = None) -> None:
         self.env, self.table = env, table
+        self.rows = len(table.quality) if rows is None else rows
+        self.runs: set[tuple[int, str]] = set()
 
     def sample_context(self, rng: random.Random) -> int:
-        return rng.randrange(len(self.table.quality))
+        return rng.randrange(self.rows)
 
     def state(self, row: int, priority: float) -> torch.Tensor:
         return self.env.state(self.env.contexts[row], priority)
@@ -143,6 +148,7 @@ class TableEnvironment:
     def evaluate(self, row: int, experts) -> list[Outcome]:
         out = []
         for e in experts:
+            self.runs.add((row, e.name))
             k = self.table.names.index(e.name)
             q, nfe = float(self.table.quality[row, k]), int(self.table.nfe[row, k])
             out.append(Outcome(e.name, 10 ** (-3 * q), q, nfe, 0.0, True))
@@ -216,41 +222,83 @@ def report_router(label: str, table: Table, pred, env: AnalyticEnvironment, ceil
         if len(rows):
             print(f"  {name:<48} {len(rows):4d} {u[rows, sbs_k].mean():7.3f} {u[rows, chosen[rows]].mean():7.3f} "
                   f"{u[rows].max(1).mean():7.3f}")
-    print("model calls at equal mean quality: the cheapest priority whose mean quality >= the expert's, for the "
-          "router and (for scale) the per-context oracle")
-    grid = np.linspace(0, 1, 41)
-    router_points = [_operating_point(table, picks(pred, p), p) for p in grid]
-    oracle_points = [_operating_point(table, table.utility(p).argmax(1), p) for p in grid]
+    calls_saved(table, pred, ceiling, n_seeds, sbs_k)
+
+
+def operating_curve(table: Table, choose) -> list[tuple[float, float, float]]:
+    """(mean NFE, priority, mean quality) of ``choose(priority) -> picks [n]`` over a priority grid."""
+    rows = np.arange(len(table.quality))
+    return [(table.nfe[rows, c].mean(), p, table.quality[rows, c].mean())
+            for p, c in ((p, choose(p)) for p in np.linspace(0, 1, 81))]
+
+
+def saving(curve: list[tuple[float, float, float]], quality: float, nfe: float) -> float:
+    """1 - (fewest mean calls on ``curve`` with mean quality >= ``quality``) / ``nfe``; NaN if never reached."""
+    ok = [n for n, _, q in curve if q >= quality - 1e-9]
+    return 1 - min(ok) / nfe if ok else math.nan
+
+
+def calls_saved(table: Table, pred, ceiling: Table, n_seeds: int, sbs_k: int) -> None:
+    """Model calls saved at equal mean quality against each fixed expert: the cheapest priority
+    whose mean quality on the held-out contexts reaches the expert's. On all contexts for the
+    router and the per-context oracle; on the first contexts also for the noise-blind ceiling."""
+    n_c = len(ceiling.quality) // n_seeds
+    first = Table(table.names, table.quality[:n_c], table.nfe[:n_c])
+    expected = lambda p: ceiling.utility(p).reshape(n_seeds, n_c, -1).mean(0)  # noqa: E731
+    curves = {"all": [operating_curve(table, lambda p: picks(pred, p)),
+                      operating_curve(table, lambda p: table.utility(p).argmax(1))],
+              "first": [operating_curve(first, lambda p: picks(pred, p)[:n_c]),
+                        operating_curve(first, lambda p: expected(p).argmax(1)),
+                        operating_curve(first, lambda p: first.utility(p).argmax(1))]}
+    print(f"model calls saved at equal mean quality (cheapest priority whose mean quality >= the expert's; "
+          f"'-': never reached):")
+    print(f"  {'':<20} {'all ' + str(len(table.quality)) + ' held-out contexts':>37} | "
+          f"{'first ' + str(n_c) + ' contexts':>33}")
+    print(f"  {'expert':<20} {'quality':>7} {'NFE':>6} {'router':>7} {'oracle':>7} | {'router':>7} {'ceiling':>8} "
+          f"{'oracle':>7}")
+
+    def cell(curve, q, nfe, width):
+        v = saving(curve, q, nfe)
+        return f"{'-' if math.isnan(v) else f'{v:+.0%}':>{width}}"
+
     for k, name in enumerate(table.names):
         q, nfe = table.quality[:, k].mean(), table.nfe[:, k].mean()
-        text = f"  {name:<20} q={q:.3f} NFE {nfe:5.1f} |"
-        for who, points in (("router", router_points), ("oracle", oracle_points)):
-            ok = [point for point in points if point[2] >= q - 1e-9]
-            if ok:
-                n, p, rq = min(ok)
-                text += f" {who} q={rq:.3f} NFE {n:5.1f} (p={p:.3f}) {1 - n / nfe:+4.0%} |"
-            else:
-                text += f" {who}: never reaches this mean quality |"
+        qf, nf = first.quality[:, k].mean(), first.nfe[:, k].mean()
+        text = f"  {name:<20} {q:7.3f} {nfe:6.1f} " + " ".join(cell(c, q, nfe, 7) for c in curves["all"]) + " | "
+        text += " ".join(cell(c, qf, nf, w) for c, w in zip(curves["first"], (7, 8, 7)))
         print(text + ("  <- SBS at the middle priority" if k == sbs_k else ""))
 
 
-def _operating_point(table: Table, chosen: np.ndarray, priority: float) -> tuple[float, float, float]:
-    rows = np.arange(len(chosen))
-    return table.nfe[rows, chosen].mean(), priority, table.quality[rows, chosen].mean()
-
-
-def train_router(train_env, train_table, pool, mode, seed, schedule, heldout_env, heldout_table, label):
-    """Train along ``schedule`` (episode counts), printing the learning curve; returns the router."""
-    router = Router(name=f"bench-{mode}")
-    trainer = MoERLTrainer(TableEnvironment(train_env, train_table), router, pool, mode=mode, seed=seed)
+def train_sweep(train_env, train_table, pool, seed, sizes, heldout_env, heldout_table, label) -> Router:
+    """Learning curve of full-sweep training: a router per training-set size (the first ``n``
+    contexts, ``SWEEP_EPOCHS * n`` episodes); returns the one trained on the largest set."""
     u = heldout_table.utility(MIDDLE)
-    print(f"\n-- learning curve, {label}, {mode} training (held-out, middle priority) --")
-    print(f"{'episodes':>8} {'generations':>11} {'closed gap':>10} {'router utility':>14}")
+    print(f"\n-- learning curve, {label}, sweep training (held-out, middle priority) --")
+    print(f"{'contexts':>8} {'expert runs':>11} {'episodes':>8} {'closed gap':>10} {'router utility':>14}")
+    for n in sizes:
+        router = Router(name="bench-sweep")
+        environment = TableEnvironment(train_env, train_table, rows=max(n, 1))
+        MoERLTrainer(environment, router, pool, mode="sweep", seed=seed).train(SWEEP_EPOCHS * n)
+        chosen = picks(predictions(router, heldout_env, pool), MIDDLE)
+        print(f"{n:8d} {len(environment.runs):11d} {SWEEP_EPOCHS * n:8d} {closed_gap(u, chosen):10.2f} "
+              f"{u[np.arange(len(u)), chosen].mean():14.3f}")
+    return router
+
+
+def train_bandit(train_env, train_table, pool, seed, schedule, heldout_env, heldout_table, label) -> Router:
+    """Learning curve of bandit training (only the pick runs) on all training contexts."""
+    router = Router(name="bench-bandit")
+    environment = TableEnvironment(train_env, train_table)
+    trainer = MoERLTrainer(environment, router, pool, mode="bandit", seed=seed)
+    u = heldout_table.utility(MIDDLE)
+    print(f"\n-- learning curve, {label}, bandit training on {environment.rows} contexts (held-out, middle "
+          f"priority) --")
+    print(f"{'episodes':>8} {'expert runs':>11} {'closed gap':>10} {'router utility':>14}")
     for episodes in schedule:
         trainer.train(episodes)
         chosen = picks(predictions(router, heldout_env, pool), MIDDLE)
-        runs = episodes * (len(pool) if mode == "sweep" else 1)
-        print(f"{episodes:8d} {runs:11d} {closed_gap(u, chosen):10.2f} {u[np.arange(len(u)), chosen].mean():14.3f}")
+        print(f"{episodes:8d} {len(environment.runs):11d} {closed_gap(u, chosen):10.2f} "
+              f"{u[np.arange(len(u)), chosen].mean():14.3f}")
     return router
 
 
@@ -263,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="context distribution (router.environment.VARIED_CONDITIONS / STANDARD_CONDITIONS)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    n_train, n_heldout, n_ceiling, n_seeds = (80, 40, 15, 2) if args.quick else (300, 120, 40, 3)
-    sweeps = (0, 30, 100, 300) if args.quick else (0, 30, 100, 300, 1000)
-    bandits = (0, 300, 1000, 3000)
+    n_train, n_heldout, n_ceiling, n_seeds = (100, 40, 15, 2) if args.quick else (1200, 120, 40, 3)
+    sizes = (0, 30, 100) if args.quick else (0, 30, 100, 300, 1200)  # training contexts, sweep mode
+    bandits = (0, 300, 1000) if args.quick else (0, 300, 1000, 3000, 6000)
     start = time.perf_counter()
     print(f"{args.conditions} conditions: {CONDITIONS[args.conditions]}")
     print(f"sweeping {n_train} training + {n_heldout} held-out + {n_ceiling * n_seeds} extra-seed contexts x "
@@ -284,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, pool in pools.items():
         names = [e.name for e in pool]
         tr, ho = train_table.columns(names), heldout_table.columns(names)
-        router = train_router(train_env, tr, pool, "sweep", args.seed, sweeps, heldout_env, ho, label)
-        train_router(train_env, tr, pool, "bandit", args.seed, bandits, heldout_env, ho, label)
-        report_router(f"{label}, router trained by full sweep on {n_train} contexts ({sweeps[-1]} episodes)", ho,
+        router = train_sweep(train_env, tr, pool, args.seed, sizes, heldout_env, ho, label)
+        train_bandit(train_env, tr, pool, args.seed, bandits, heldout_env, ho, label)
+        report_router(f"{label}, router trained by full sweep on {sizes[-1]} contexts ({SWEEP_EPOCHS * sizes[-1]} "
+                      f"episodes)", ho,
                       predictions(router, heldout_env, pool), heldout_env, ceiling_table.columns(names), n_seeds,
                       args.seed)
     state = heldout_env.state(heldout_env.contexts[0], MIDDLE)
