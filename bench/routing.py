@@ -165,6 +165,17 @@ def picks(pred: tuple[np.ndarray, np.ndarray], priority: float) -> np.ndarray:
     return np.argmax(pred[0] - lambda_from_priority(priority) * pred[1], axis=1)
 
 
+def ceiling_picks(ceiling: Table, n_seeds: int, priority: float) -> np.ndarray:
+    """The noise-blind ceiling's picks on the first ``len(ceiling) // n_seeds`` held-out contexts:
+    the best expected utility over the other seeds of the same conditions."""
+    return ceiling.utility(priority).reshape(n_seeds, len(ceiling.quality) // n_seeds, -1).mean(0).argmax(1)
+
+
+def mean_picked(u: np.ndarray, chosen: np.ndarray) -> float:
+    """Mean utility of the picks ``chosen`` [n] on utilities ``u`` [n, k]."""
+    return float(u[np.arange(len(u)), chosen].mean())
+
+
 def closed_gap(u: np.ndarray, chosen: np.ndarray, rng: np.random.Generator | None = None, n_boot: int = 1000):
     """(router - SBS) / (VBS - SBS) on utilities u [n, k]; with ``rng``, a bootstrap 95% CI over contexts."""
 
@@ -190,8 +201,7 @@ def report_oracle(label: str, table: Table, ceiling: Table, n_seeds: int) -> Non
     for p in PRIORITIES:
         u = table.utility(p)
         sbs_k, gap = int(u.mean(0).argmax()), u.max(1).mean() - u.mean(0).max()
-        expected = ceiling.utility(p).reshape(n_seeds, n_c, -1).mean(0)  # other seeds of the same conditions
-        blind = closed_gap(u[:n_c], expected.argmax(1))
+        blind = closed_gap(u[:n_c], ceiling_picks(ceiling, n_seeds, p))
         print(f"{p:8.2f} {lambda_from_priority(p):7.3f} {u.mean(0).max():7.3f} {u.max(1).mean():7.3f} {gap:6.3f} "
               f"{3 * gap:7.3f} {np.mean(u[:, sbs_k] < u.max(1) - 1e-9):12.0%}  {blind:19.2f}  {table.names[sbs_k]}")
     print(f"(gap in decades of error = 3 x utility; ceiling from {n_seeds} other seeds on the first {n_c} contexts)")
@@ -206,10 +216,9 @@ def report_router(label: str, table: Table, pred, env: AnalyticEnvironment, ceil
     for p in PRIORITIES:
         u, chosen = table.utility(p), picks(pred, p)
         point, lo, hi = closed_gap(u, chosen, rng)
-        blind = ceiling.utility(p).reshape(n_seeds, n_c, -1).mean(0).argmax(1)
-        routed = u[np.arange(len(u)), chosen].mean()
-        print(f"{p:8.2f} {lambda_from_priority(p):7.3f} {u.mean(0).max():7.3f} {routed:7.3f} {u.max(1).mean():7.3f}"
-              f" {point:9.2f} [{lo:5.2f}, {hi:5.2f}]   "
+        blind = ceiling_picks(ceiling, n_seeds, p)
+        print(f"{p:8.2f} {lambda_from_priority(p):7.3f} {u.mean(0).max():7.3f} {mean_picked(u, chosen):7.3f} "
+              f"{u.max(1).mean():7.3f} {point:9.2f} [{lo:5.2f}, {hi:5.2f}]   "
               f"{closed_gap(u[:n_c], chosen[:n_c]):13.2f} / {closed_gap(u[:n_c], blind):.2f}")
     u, chosen = table.utility(MIDDLE), picks(pred, MIDDLE)
     sbs_k = int(u.mean(0).argmax())
@@ -244,11 +253,10 @@ def calls_saved(table: Table, pred, ceiling: Table, n_seeds: int, sbs_k: int) ->
     router and the per-context oracle; on the first contexts also for the noise-blind ceiling."""
     n_c = len(ceiling.quality) // n_seeds
     first = Table(table.names, table.quality[:n_c], table.nfe[:n_c])
-    expected = lambda p: ceiling.utility(p).reshape(n_seeds, n_c, -1).mean(0)  # noqa: E731
     curves = {"all": [operating_curve(table, lambda p: picks(pred, p)),
                       operating_curve(table, lambda p: table.utility(p).argmax(1))],
               "first": [operating_curve(first, lambda p: picks(pred, p)[:n_c]),
-                        operating_curve(first, lambda p: expected(p).argmax(1)),
+                        operating_curve(first, lambda p: ceiling_picks(ceiling, n_seeds, p)),
                         operating_curve(first, lambda p: first.utility(p).argmax(1))]}
     print(f"model calls saved at equal mean quality (cheapest priority whose mean quality >= the expert's; "
           f"'-': never reached):")
@@ -269,6 +277,12 @@ def calls_saved(table: Table, pred, ceiling: Table, n_seeds: int, sbs_k: int) ->
         print(text + ("  <- SBS at the middle priority" if k == sbs_k else ""))
 
 
+def heldout_score(router: Router, env: AnalyticEnvironment, pool, u: np.ndarray) -> str:
+    """Closed gap and mean utility of the router's greedy picks at the middle priority, as a table cell."""
+    chosen = picks(predictions(router, env, pool), MIDDLE)
+    return f"{closed_gap(u, chosen):10.2f} {mean_picked(u, chosen):14.3f}"
+
+
 def train_sweep(train_env, train_table, pool, seed, sizes, heldout_env, heldout_table, label) -> Router:
     """Learning curve of full-sweep training: a router per training-set size (the first ``n``
     contexts, ``SWEEP_EPOCHS * n`` episodes); returns the one trained on the largest set."""
@@ -279,9 +293,7 @@ def train_sweep(train_env, train_table, pool, seed, sizes, heldout_env, heldout_
         router = Router(name="bench-sweep")
         environment = TableEnvironment(train_env, train_table, rows=max(n, 1))
         MoERLTrainer(environment, router, pool, mode="sweep", seed=seed).train(SWEEP_EPOCHS * n)
-        chosen = picks(predictions(router, heldout_env, pool), MIDDLE)
-        print(f"{n:8d} {len(environment.runs):11d} {SWEEP_EPOCHS * n:8d} {closed_gap(u, chosen):10.2f} "
-              f"{u[np.arange(len(u)), chosen].mean():14.3f}")
+        print(f"{n:8d} {len(environment.runs):11d} {SWEEP_EPOCHS * n:8d} {heldout_score(router, heldout_env, pool, u)}")
     return router
 
 
@@ -296,9 +308,7 @@ def train_bandit(train_env, train_table, pool, seed, schedule, heldout_env, held
     print(f"{'episodes':>8} {'expert runs':>11} {'closed gap':>10} {'router utility':>14}")
     for episodes in schedule:
         trainer.train(episodes)
-        chosen = picks(predictions(router, heldout_env, pool), MIDDLE)
-        print(f"{episodes:8d} {len(environment.runs):11d} {closed_gap(u, chosen):10.2f} "
-              f"{u[np.arange(len(u)), chosen].mean():14.3f}")
+        print(f"{episodes:8d} {len(environment.runs):11d} {heldout_score(router, heldout_env, pool, u)}")
     return router
 
 
