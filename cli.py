@@ -50,7 +50,7 @@ class RecordingEnvironment:
         return self.env.state(context, priority)
 
     def evaluate(self, context, experts):
-        from .router.store import RunRecord
+        from .stats.store import RunRecord
 
         outcomes = self.env.evaluate(context, experts)
         for o in outcomes:
@@ -61,7 +61,7 @@ class RecordingEnvironment:
 
 
 def _paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    from .router.store import default_store_path
+    from .stats.store import default_store_path
 
     if args.home:
         home = Path(args.home).expanduser()
@@ -76,11 +76,11 @@ def demo(args: argparse.Namespace) -> int:
     import torch
 
     from .experts import default_pool
-    from .router.charts import expert_stats_chart
+    from .stats.charts import expert_stats_chart
     from .router.environment import AnalyticEnvironment
     from .router.model import Router
     from .router.policy import cost_from_nfe, lambda_from_priority
-    from .router.store import RunRecord, StatsStore
+    from .stats.store import RunRecord, StatsStore
     from .router.trainer import MoERLTrainer
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))

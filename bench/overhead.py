@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     from moe_sampler.nodes import bridge, comfy_experts, paths
     from moe_sampler.nodes.sampler_nodes import MoEAdaptiveSampler, MoEExpert
     from moe_sampler.router.features import state_from_conditioning
-    from moe_sampler.router.store import StatsStore
+    from moe_sampler.stats.store import StatsStore
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="moe_overhead_"))

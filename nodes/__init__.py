@@ -11,8 +11,9 @@ class MoEExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from . import paths, routes
         from .sampler_nodes import NODES as SAMPLER_NODES
+        from .stats_nodes import NODES as STATS_NODES
         from .training_nodes import NODES as TRAINING_NODES
 
         paths.register_folders()
         routes.register()
-        return [*SAMPLER_NODES, *TRAINING_NODES]
+        return [*SAMPLER_NODES, *TRAINING_NODES, *STATS_NODES]

@@ -269,7 +269,7 @@ def sample_with_expert(
 
 def run_records(attempts: Sequence[Attempt], *, state: Any, selection: Any, router: str, priority: float | None,
                 seed: int | None) -> list:
-    """One :class:`~moe_sampler.router.store.RunRecord` per attempt (source ``"sampling"``).
+    """One :class:`~moe_sampler.stats.store.RunRecord` per attempt (source ``"sampling"``).
 
     The first attempt is the routed (or forced) pick and carries the router's propensity and
     confidence (forced: propensity 1, no confidence); a fallback run was not chosen by the
@@ -278,7 +278,7 @@ def run_records(attempts: Sequence[Attempt], *, state: Any, selection: Any, rout
     other self-estimates are not errors and stay None.
     """
     from ..experts.analytic import quality_from_error
-    from ..router.store import RunRecord
+    from ..stats.store import RunRecord
 
     records = []
     for i, attempt in enumerate(attempts):

@@ -17,9 +17,10 @@ import threading
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..stats.report import BUILTIN_ROUTER, is_label
+
 ROUTER_FOLDER = "moe_routers"
 ROUTER_EXTENSION = ".safetensors"
-BUILTIN_ROUTER = "(built-in default)"
 STORE_USER = "moe_sampler"
 STORE_FILENAME = "stats.sqlite3"
 MAX_NAME_LENGTH = 100
@@ -51,6 +52,14 @@ def check_router_name(name: Any, input_name: str = "router") -> str:
             f"folder, named relative to it (e.g. 'my_router.safetensors')"
         )
     return name
+
+
+def check_router_filter(router: Any, input_name: str = "router") -> str:
+    """A stats filter a user may pass: ``(all)``, the built-in router, ``default``, ``manual`` or a
+    router file name (checked like one, so no value can name a path outside the routers folder)."""
+    if is_label(router):
+        return router
+    return check_router_name(router, input_name)
 
 
 def check_save_name(name: Any, input_name: str = "router_name") -> str:
@@ -194,12 +203,12 @@ _store_lock = threading.Lock()
 
 
 def stats_store():
-    """The process-wide :class:`~moe_sampler.router.store.StatsStore` for :func:`stats_store_path`.
+    """The process-wide :class:`~moe_sampler.stats.store.StatsStore` for :func:`stats_store_path`.
 
     One instance per path, shared by every node and route of this process (a test that moves
     ComfyUI's user directory gets a store of its own).
     """
-    from ..router.store import StatsStore
+    from ..stats.store import StatsStore
 
     path = str(stats_store_path())
     with _store_lock:

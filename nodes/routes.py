@@ -5,11 +5,13 @@
                                           when ``router`` is absent, empty or ``(all)``)
 ``GET /moe_sampler/routers``              saved routers in ``models/moe_routers`` with their metadata
 ``GET /moe_sampler/experts``              the built-in experts with their descriptors
+``GET /moe_sampler/labels``               the router labels the stats use (``(all)``, ``manual``, ...)
 ========================================  ==========================================================
 
-Nothing here writes. The payload builders (:func:`stats_payload`, :func:`routers_payload`,
-:func:`experts_payload`) are plain functions that the MoE Stats node and the tests use too;
-the handlers run them in a worker thread so a slow disk never stalls ComfyUI's event loop.
+``GET /moe_sampler/labels`` gives the router labels of :mod:`moe_sampler.stats.report` to the web
+client, so that they are defined once. Nothing here writes. The stats payload and table live in
+:mod:`moe_sampler.stats.report`; the handlers run the payload builders in a worker thread so a
+slow disk never stalls ComfyUI's event loop.
 Responses carry file names, never absolute paths. ``web/moe_sampler.js`` has the one JS client.
 """
 
@@ -24,78 +26,12 @@ import sys
 import time
 from typing import Any
 
+from ..stats import report
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "/moe_sampler"
-ALL_ROUTERS = "(all)"
-MANUAL_ROUTER = "manual"  # how MoE Adaptive Sampler labels runs whose expert was forced
 _registered = False
-
-
-def router_filter(value: str | None) -> str | None:
-    """The store's router label for a user's choice: None for all routers, ``"default"`` for the
-    built-in router (how MoE Adaptive Sampler records it), else the value itself."""
-    from . import paths
-
-    value = (value or "").strip()
-    if value in ("", ALL_ROUTERS):
-        return None
-    return "default" if value == paths.BUILTIN_ROUTER else value
-
-
-def stats_payload(router: str | None = None) -> dict[str, Any]:
-    """Per-expert aggregates as JSON-ready data.
-
-    ``{"router": name or None, "experts": [ExpertStats as dict, ...], "runs": total,
-    "healthy": bool, "problem": text or None}``; a store that cannot be read gives an empty
-    list with ``healthy`` False and the reason (never an exception).
-    """
-    from ..router.store import StatsStoreError
-    from . import paths
-
-    name = router_filter(router)
-    try:
-        store = paths.stats_store()
-        stats = store.expert_stats(router=name)
-        problem = store.problem
-    except (StatsStoreError, OSError) as exc:
-        return {"router": name, "experts": [], "runs": 0, "healthy": False, "problem": str(exc)}
-    experts = [dataclasses.asdict(entry) for entry in stats]
-    return {"router": name, "experts": experts, "runs": sum(e["runs"] for e in experts),
-            "healthy": problem is None, "problem": problem}
-
-
-def check_router_filter(router: Any, input_name: str = "router") -> str:
-    """A stats filter a user may pass: ``(all)``, the built-in router, ``default``, ``manual`` or a
-    router file name (checked like one, so no value can name a path outside the routers folder)."""
-    from . import paths
-
-    if router in (ALL_ROUTERS, paths.BUILTIN_ROUTER, "default", MANUAL_ROUTER):
-        return router
-    return paths.check_router_name(router, input_name)
-
-
-def stats_text(payload: dict[str, Any]) -> str:
-    """A :func:`stats_payload` as a fixed-width text table (what MoE Stats shows and outputs)."""
-    scope = payload.get("router") or "all routers"
-    if not payload.get("healthy", True):
-        return f"MoE stats ({scope}): the stats store is unavailable: {payload.get('problem')}"
-    experts = payload.get("experts", [])
-    if not experts:
-        return f"MoE stats ({scope}): no runs recorded yet."
-
-    def cell(value: Any, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
-
-    lines = [f"MoE stats ({scope}): {payload.get('runs', 0)} runs",
-             f"{'expert':<24}{'runs':>6}{'quality':>9}{'speed':>7}{'effic.':>8}{'success':>9}{'conf.':>7}"
-             f"{'NFE':>7}{'sec':>8}"]
-    for e in experts:
-        lines.append(f"{e['expert'][:23]:<24}{e['runs']:>6}{cell(e['quality_score'], '.2f'):>9}"
-                     f"{cell(e['speed_score'], '.2f'):>7}{cell(e['efficiency_score'], '.2f'):>8}"
-                     f"{cell(e['success_rate'], '.0%'):>9}{cell(e['mean_confidence'], '.0%'):>7}"
-                     f"{cell(e['mean_nfe'], '.1f'):>7}{cell(e['mean_seconds'], '.2f'):>8}")
-    return "\n".join(lines)
 
 
 def _router_metadata(path: str) -> dict[str, Any]:
@@ -145,6 +81,13 @@ def routers_payload() -> list[dict[str, Any]]:
     return routers
 
 
+def stats_for_router(router: str | None) -> dict[str, Any]:
+    """The stats payload of the process-wide store for a router filter (see :func:`report.stats_payload`)."""
+    from . import paths
+
+    return report.stats_payload(paths.stats_store(), router)
+
+
 def experts_payload() -> list[dict[str, Any]]:
     """The registered experts: descriptor fields, ``compat`` and ``in_default_pool``."""
     from ..experts import default_pool, registered_experts
@@ -181,7 +124,7 @@ def register() -> bool:
 
     @routes.get(f"{PREFIX}/stats")
     async def get_stats(request: web.Request) -> web.Response:
-        return await answer(stats_payload, request.query.get("router"))
+        return await answer(stats_for_router, request.query.get("router"))
 
     @routes.get(f"{PREFIX}/routers")
     async def get_routers(request: web.Request) -> web.Response:
@@ -190,6 +133,10 @@ def register() -> bool:
     @routes.get(f"{PREFIX}/experts")
     async def get_experts(request: web.Request) -> web.Response:
         return await answer(experts_payload)
+
+    @routes.get(f"{PREFIX}/labels")
+    async def get_labels(request: web.Request) -> web.Response:
+        return web.json_response(report.LABELS)
 
     _registered = True
     return True

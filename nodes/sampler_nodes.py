@@ -17,13 +17,13 @@ from comfy_api.latest import io
 
 from ..experts import default_pool, expert_names, get_expert
 from ..router.features import state_from_conditioning
+from ..stats.report import MANUAL_ROUTER, router_label
 from . import bridge, comfy_experts, paths
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "sampling/moe"
 EVENT = "moe_sampler.run"
-MANUAL_ROUTER = "manual"  # router label of runs whose expert was forced with ``mode``
 MIN_FEATURE_CFG = 0.01  # cfg 0 is allowed like core KSampler; the router's state needs cfg > 0
 CUSTOM_EXPERT_SLOTS = 4
 ExpertType = io.Custom("MOE_EXPERT")
@@ -66,11 +66,6 @@ def builtin_tooltip(name: str) -> str:
     expert = get_expert(name)
     kind = "compatibility expert, off by default" if expert.compat else "built-in expert"
     return f"Include {name} ({kind}): {expert.descriptor.description}".strip()
-
-
-def router_label(router: str) -> str:
-    """How a router is named in the stats store: ``"default"`` or the file name."""
-    return "default" if router == paths.BUILTIN_ROUTER else router
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,13 @@
-"""Training and stats nodes (V3): MoE Router Trainer and MoE Stats.
+"""The training node (V3): MoE Router Trainer.
 
-Node ids are frozen (saved workflows refer to them). The work is in :func:`train_router` and
-:func:`stats_report`, which tests call directly; ``execute`` only reads inputs and wraps the
-result for ComfyUI.
+Node ids are frozen (saved workflows refer to them). The work is in :func:`train_router`, which
+tests call directly; ``execute`` only reads inputs and wraps the result for ComfyUI.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,7 +15,7 @@ from typing import Any, Sequence
 from comfy_api.latest import io, ui
 
 from ..experts import default_pool
-from . import comfy_experts, paths, routes
+from . import comfy_experts, paths
 from .comfy_environment import (
     MODES,
     REFERENCE_STEPS,
@@ -60,8 +58,6 @@ TOOLTIPS = {
     "expert_pool": "Experts to train on (MoE Expert Pool). Not connected: the five main built-in experts.",
     "reference_steps": "Steps of the high-accuracy reference each expert is scored against (DPM-Solver++(3M), "
                        "Karras). More steps measure fidelity more exactly and cost one longer run per context.",
-    "stats_router": "Which runs to summarise: '(all)', the built-in default router, a saved router file, or "
-                    "'manual' (runs whose expert was forced).",
 }
 
 
@@ -101,7 +97,7 @@ def _initial_router(plan: TrainingPlan, save_path: Path, checkpoint: Path) -> An
 
 
 def _record_run(store: Any, label: str, mode: str, run: ExpertRunReport) -> bool:
-    from ..router.store import RunRecord
+    from ..stats.store import RunRecord
 
     try:
         record = RunRecord(
@@ -182,7 +178,7 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
 
 def training_curve(result: Any, router_file: str) -> Any:
     """The learning curve: reward of the router's pick and of the best expert, smoothed."""
-    from ..router.charts import line_chart
+    from ..stats.charts import line_chart
 
     episodes = list(range(1, len(result.rewards) + 1))
     window = max(1, len(episodes) // 10)
@@ -304,7 +300,7 @@ class MoERouterTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, negative_prompt, sizes, cfg_values, priority, episodes, seeds_per_prompt,
                 mode, router_name, resume, reference_steps=REFERENCE_STEPS, expert_pool=None) -> io.NodeOutput:
-        from ..router.charts import image_to_comfy_tensor
+        from ..stats.charts import image_to_comfy_tensor
 
         plan = TrainingPlan.from_inputs(prompts, negative_prompt, sizes, cfg_values, priority, episodes,
                                         seeds_per_prompt, mode, router_name, resume)
@@ -313,76 +309,4 @@ class MoERouterTrainer(io.ComfyNode):
                              ui=ui.PreviewText(outcome.report))
 
 
-# ---------------------------------------------------------------------------------------- stats
-
-
-def stats_filter_options() -> list[str]:
-    """MoE Stats dropdown: all, the built-in router, every saved router, forced runs."""
-    return [routes.ALL_ROUTERS, *paths.router_names(), routes.MANUAL_ROUTER]
-
-
-def stats_report(router: str = routes.ALL_ROUTERS) -> tuple[Any, str, dict]:
-    """``(chart PIL image, text table, JSON payload)`` for a router filter."""
-    from ..router.charts import expert_stats_chart
-    from ..router.store import ExpertStats
-
-    payload = routes.stats_payload(router)
-    stats = [ExpertStats(**entry) for entry in payload["experts"]]
-    title = f"MoE experts: {payload['router'] or 'all routers'}"
-    return expert_stats_chart(stats, title=title), routes.stats_text(payload), payload
-
-
-def _store_fingerprint() -> Any:
-    path = paths.stats_store_path()
-    stamps = []
-    for candidate in (path, path.with_name(path.name + "-wal")):
-        try:
-            stat = os.stat(candidate)
-            stamps.append((stat.st_mtime_ns, stat.st_size))
-        except OSError:
-            stamps.append(None)
-    return tuple(stamps)
-
-
-class MoEStats(io.ComfyNode):
-    """Per-expert statistics from the stats store, as a chart and a table."""
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="MoEStats",
-            display_name="MoE Stats",
-            category=CATEGORY,
-            description="Shows how each expert has done so far (quality, speed, efficiency, success rate, router "
-                        "confidence, model calls, time) from the runs recorded in the stats store.",
-            inputs=[io.Combo.Input("router", options=stats_filter_options(), default=routes.ALL_ROUTERS,
-                                   tooltip=TOOLTIPS["stats_router"])],
-            outputs=[io.Image.Output("chart", tooltip="Bar chart of the per-expert scores."),
-                     io.String.Output("table", tooltip="The same numbers as a text table.")],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def validate_inputs(cls, router=None) -> bool | str:
-        # Named here, the router skips the dropdown check: API prompts may name any recorded router.
-        if router is not None:
-            try:
-                routes.check_router_filter(router)
-            except ValueError as exc:
-                return str(exc)
-        return True
-
-    @classmethod
-    def fingerprint_inputs(cls, router=None) -> Any:
-        # The store changes under the same inputs: re-run whenever its files changed.
-        return (router, _store_fingerprint())
-
-    @classmethod
-    def execute(cls, router) -> io.NodeOutput:
-        from ..router.charts import image_to_comfy_tensor
-
-        chart, table, payload = stats_report(routes.check_router_filter(router))
-        return io.NodeOutput(image_to_comfy_tensor(chart), table, ui={"text": [table], "moe_stats": [payload]})
-
-
-NODES: list[type[io.ComfyNode]] = [MoERouterTrainer, MoEStats]
+NODES: list[type[io.ComfyNode]] = [MoERouterTrainer]

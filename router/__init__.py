@@ -1,7 +1,7 @@
-"""The router: state features, the expert scorer, selection, training and the stats store.
+"""The router: state features, the expert scorer, selection and training.
 
-Pure torch (PIL for charts); no ComfyUI import. Names are imported lazily so that
-``router.store`` stays importable without loading the scorer.
+Pure torch; no ComfyUI import. The stats store the router learns from is :mod:`moe_sampler.stats`.
+Names are imported lazily so that importing one part does not load the others.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class AdvancedExpertSelector:
         ``MoERLTrainer.learn_from_records``) and in the stats store when one was given."""
         if expert_id not in self.performance:
             raise ValueError(f"unknown expert {expert_id!r}; pool: {', '.join(self.performance)}")
-        from .store import RunRecord
+        from ..stats.store import RunRecord
 
         self.performance[expert_id].append(dict(metrics))
         state = metrics.get("state", self._last.get("state"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageColor
 
-from moe_sampler.router.charts import PALETTE, expert_stats_chart, image_to_comfy_tensor, line_chart
-from moe_sampler.router.store import ExpertStats
+from moe_sampler.stats.charts import PALETTE, expert_stats_chart, image_to_comfy_tensor, line_chart
+from moe_sampler.stats.store import ExpertStats
 
 
 def stats_entry(name: str, value: float | None, **overrides) -> ExpertStats:

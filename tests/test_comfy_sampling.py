@@ -40,7 +40,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture
 def store(tmp_path):
-    from moe_sampler.router.store import StatsStore
+    from moe_sampler.stats.store import StatsStore
 
     s = StatsStore(tmp_path / "stats.sqlite3")
     yield s
@@ -269,7 +269,7 @@ def test_nan_expert_falls_back_to_balanced_master(env, store, balanced_reference
 
 
 def test_stats_store_failure_does_not_break_sampling(env, tmp_path):
-    from moe_sampler.router.store import StatsStore
+    from moe_sampler.stats.store import StatsStore
 
     (tmp_path / "broken.sqlite3").write_bytes(b"this is not a database" * 100)
     broken = StatsStore(tmp_path / "broken.sqlite3")

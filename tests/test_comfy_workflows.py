@@ -154,6 +154,12 @@ def test_routes_answer(server):
     assert server.get_json("/api/moe_sampler/stats?router=(all)")["router"] is None
 
 
+def test_labels_route_serves_the_one_definition_of_the_router_labels(server):
+    from moe_sampler.stats.report import LABELS
+
+    assert server.get_json("/moe_sampler/labels") == LABELS
+
+
 def test_example_workflows_are_served_as_templates(server):
     templates = server.get_json("/api/workflow_templates")
     listed = next(iter(v for k, v in templates.items() if "moe_sampler" in k))

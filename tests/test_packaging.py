@@ -66,7 +66,7 @@ assert not any(m == "comfy" or m.startswith("comfy.") for m in sys.modules), "im
 def test_pip_installed_package_imports_without_comfyui():
     # The README installs the pack with pip (-e .); experts/ and router/ need plain torch only.
     script = (
-        "import sys, moe_sampler, moe_sampler.experts, moe_sampler.router.model, moe_sampler.router.store\n"
+        "import sys, moe_sampler, moe_sampler.experts, moe_sampler.router.model, moe_sampler.stats.store\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths', 'server')]\n"
         "assert not bad, bad\n"
         "print(moe_sampler.MoERLTrainer.__name__)"

@@ -6,7 +6,7 @@ from PIL import Image
 
 from moe_sampler.cli import main
 from moe_sampler.router.model import Router
-from moe_sampler.router.store import StatsStore
+from moe_sampler.stats.store import StatsStore
 
 
 def test_demo_trains_routes_and_writes_store_and_chart(tmp_path, capsys):

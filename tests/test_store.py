@@ -14,8 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from moe_sampler.router import store as store_module
-from moe_sampler.router.store import (
+from moe_sampler.stats import records as records_module
+from moe_sampler.stats import store as store_module
+from moe_sampler.stats.store import (
     SCHEMA_VERSION,
     RunRecord,
     StatsStore,
@@ -333,4 +334,4 @@ def test_default_store_path(monkeypatch, tmp_path):
 
 def test_state_size_matches_the_features():
     features = pytest.importorskip("moe_sampler.router.features", reason="router/features.py not written yet")
-    assert store_module.STATE_DIM == features.STATE_DIM
+    assert records_module.STATE_DIM == features.STATE_DIM

@@ -23,7 +23,7 @@ spec = importlib.util.spec_from_file_location(
 module = importlib.util.module_from_spec(spec)
 sys.modules["moe_sampler"] = module
 spec.loader.exec_module(module)
-from moe_sampler.router.store import RunRecord, StatsStore
+from moe_sampler.stats.store import RunRecord, StatsStore
 """
 
 WRITER = PREAMBLE + """

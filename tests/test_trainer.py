@@ -138,7 +138,7 @@ def test_progress_and_should_stop_are_called_between_episodes(tmp_path):
 
 
 def test_learning_from_logged_runs_with_propensities():
-    from moe_sampler.router.store import RunRecord
+    from moe_sampler.stats.store import RunRecord
 
     env, rng = SyntheticEnvironment(), random.Random(3)
     records = []

@@ -1,12 +1,11 @@
-"""The ComfyUI-free logic of the training and stats nodes.
+"""The ComfyUI-free logic of the training node.
 
 - parsing of the trainer's text inputs (prompts, sizes, cfg values, router name, ...) with
   errors that name the input;
 - :class:`ComfyEnvironment` (the trainer's Environment on a ComfyUI model) with the bridge
   replaced by the analytic model: reference once per context, each expert once per context,
   every fresh run reported, failures scored as failures, ComfyUI's interrupt never swallowed,
-  and MoERLTrainer learning and resuming on it;
-- the stats text table and the stats filter check of ``nodes/routes.py``.
+  and MoERLTrainer learning and resuming on it.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from helpers import import_node_module
 environment_module = import_node_module("comfy_environment")
 bridge = import_node_module("bridge")
 comfy_experts = import_node_module("comfy_experts")
-routes = import_node_module("routes")
 
 from moe_sampler.experts import get_expert  # noqa: E402
 from moe_sampler.experts.analytic import AnalyticModel, PromptSpec  # noqa: E402
@@ -294,45 +292,3 @@ def test_trainer_learns_and_resumes_on_the_environment(fake_bridge, tmp_path):
     straight = MoERLTrainer(_environment(fake_bridge), None, experts, mode="sweep", seed=0).train(6)
     assert done.episodes == 6 and done.rewards == straight.rewards
     assert all(math.isfinite(r) for r in done.rewards + done.oracle_rewards)
-
-
-# ------------------------------------------------------------------------------------- stats
-
-
-def _entry(name, runs=3, **values):
-    fields = dict(quality_score=0.5, speed_score=1.0, efficiency_score=0.5, success_rate=1.0, mean_confidence=0.8,
-                  mean_nfe=20.0, mean_seconds=1.5)
-    fields.update(values)
-    return {"expert": name, "runs": runs, **fields}
-
-
-def test_stats_text_table():
-    payload = {"router": None, "runs": 5, "healthy": True, "problem": None,
-               "experts": [_entry("BalancedMaster"), _entry("euler/karras/24", runs=2, quality_score=None,
-                                                           mean_confidence=None)]}
-    text = routes.stats_text(payload)
-    lines = text.splitlines()
-    assert lines[0] == "MoE stats (all routers): 5 runs"
-    assert lines[2].split() == ["BalancedMaster", "3", "0.50", "1.00", "0.50", "100%", "80%", "20.0", "1.50"]
-    assert lines[3].split()[:3] == ["euler/karras/24", "2", "n/a"] and "n/a" in lines[3].split()[6]
-    assert "no runs recorded yet" in routes.stats_text({"router": "x.safetensors", "experts": [], "healthy": True})
-    unhealthy = routes.stats_text({"router": None, "experts": [], "healthy": False, "problem": "disk on fire"})
-    assert "unavailable" in unhealthy and "disk on fire" in unhealthy
-
-
-@pytest.mark.parametrize("value", ["(all)", "(built-in default)", "default", "manual", "my_router.safetensors",
-                                   "sub/my_router.safetensors"])
-def test_stats_router_filter_accepts(value):
-    assert routes.check_router_filter(value) == value
-
-
-@pytest.mark.parametrize("value", ["../x.safetensors", "/etc/x.safetensors", "a\\b.safetensors", "x.pt", "", None])
-def test_stats_router_filter_refuses_paths(value):
-    with pytest.raises(ValueError, match="^router:"):
-        routes.check_router_filter(value)
-
-
-def test_router_filter_maps_the_dropdown_to_store_labels():
-    assert routes.router_filter(None) is None and routes.router_filter("(all)") is None
-    assert routes.router_filter("(built-in default)") == "default"
-    assert routes.router_filter("x.safetensors") == "x.safetensors"

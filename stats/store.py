@@ -28,24 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO, TypeVar
 
-# Records, row conversion and scores live in store_records; re-exported so imports from here keep working.
-from .store_records import (  # noqa: F401
-    _BOUNDS,
-    COLUMNS,
-    MIN_NFE,
-    MIN_SECONDS,
-    NFE_WEIGHT,
-    SOURCES,
-    STATE_DIM,
-    ExpertStats,
-    RunRecord,
-    _checked_real,
-    _checked_state,
-    _row_to_dict,
-    _run_to_row,
-    _score_experts,
-    _short_float32,
-)
+from .records import COLUMNS, ExpertStats, RunRecord, row_to_dict, run_to_row, score_experts
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -186,7 +169,7 @@ class StatsStore:
             self._warn("the store is closed")
             return False
         try:
-            self._with_retry(lambda conn: conn.execute(_INSERT, _run_to_row(run)), write=True)
+            self._with_retry(lambda conn: conn.execute(_INSERT, run_to_row(run)), write=True)
         except (sqlite3.Error, OSError, StatsStoreError) as exc:
             self._warn(self._classify(exc))
             return False
@@ -259,7 +242,7 @@ class StatsStore:
         runs = []
         for row in self._read(lambda conn: conn.execute(sql, params).fetchall()):
             try:
-                runs.append(RunRecord(**_row_to_dict(row[1:])))
+                runs.append(RunRecord(**row_to_dict(row[1:])))
             except ValueError as exc:  # a foreign writer's row; exports still carry it
                 logger.warning("MoE stats store %s: skipping row %d: %s", self.path, row[0], exc)
         return runs
@@ -278,7 +261,7 @@ class StatsStore:
         if experts is not None:
             by_name = {row[0]: row for row in rows}
             rows = [by_name.get(name, (name, 0, None, None, None, None, None)) for name in experts]
-        return _score_experts(rows)
+        return score_experts(rows)
 
     def export_json(self, path: str | os.PathLike[str]) -> int:
         """Write every run (with its row ``id``) as JSON; atomic (temp file + ``os.replace``). Returns the count."""
@@ -287,7 +270,7 @@ class StatsStore:
             out.write(f'{{"schema_version": {SCHEMA_VERSION}, "runs": [')
             count = 0
             for row in rows:
-                entry = {"id": row[0], **_row_to_dict(row[1:])}
+                entry = {"id": row[0], **row_to_dict(row[1:])}
                 out.write(("," if count else "") + "\n  " + json.dumps(entry))
                 count += 1
             out.write("\n]}\n")
@@ -303,7 +286,7 @@ class StatsStore:
             writer.writerow(("id", *COLUMNS))
             count = 0
             for row in rows:
-                entry = _row_to_dict(row[1:])
+                entry = row_to_dict(row[1:])
                 entry["state"] = None if entry["state"] is None else json.dumps(entry["state"])
                 entry["success"] = int(entry["success"])
                 writer.writerow((row[0], *("" if entry[name] is None else entry[name] for name in COLUMNS)))

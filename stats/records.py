@@ -1,8 +1,8 @@
-"""Run records and per-expert scores: what :mod:`moe_sampler.router.store` keeps and reports.
+"""Run records and per-expert scores: what :mod:`moe_sampler.stats.store` keeps and reports.
 
 :class:`RunRecord` (one run, checked on construction), :class:`ExpertStats` (one expert's
 aggregates), the conversion between a record and a database row, and the score computation.
-Pure Python (no SQLite, no torch). :mod:`moe_sampler.router.store` re-exports the public names.
+Pure Python (no SQLite, no torch).
 Score definitions: docs/STATS.md.
 """
 
@@ -22,6 +22,9 @@ __all__ = [
     "STATE_DIM",
     "ExpertStats",
     "RunRecord",
+    "row_to_dict",
+    "run_to_row",
+    "score_experts",
 ]
 
 SOURCES = ("sampling", "training", "benchmark")
@@ -166,7 +169,7 @@ def _short_float32(value: float) -> float:
     return value
 
 
-def _row_to_dict(row: Sequence[Any]) -> dict[str, Any]:
+def row_to_dict(row: Sequence[Any]) -> dict[str, Any]:
     """A stored row (in COLUMNS order) as plain Python values, unchecked (exports keep every row)."""
     values = dict(zip(COLUMNS, row))
     if values["state"] is not None:
@@ -180,7 +183,7 @@ def _row_to_dict(row: Sequence[Any]) -> dict[str, Any]:
     return values
 
 
-def _run_to_row(run: RunRecord) -> tuple[Any, ...]:
+def run_to_row(run: RunRecord) -> tuple[Any, ...]:
     values = {name: getattr(run, name) for name in COLUMNS}
     if run.state is not None:
         floats = array("f", run.state)
@@ -192,7 +195,7 @@ def _run_to_row(run: RunRecord) -> tuple[Any, ...]:
     return tuple(values[name] for name in COLUMNS)
 
 
-def _score_experts(rows: Sequence[Sequence[Any]]) -> list[ExpertStats]:
+def score_experts(rows: Sequence[Sequence[Any]]) -> list[ExpertStats]:
     """Rows of (expert, runs, success_rate, quality, confidence, mean_nfe, mean_seconds) -> stats."""
     costs = {
         row[0]: max(row[5], MIN_NFE) ** NFE_WEIGHT * max(row[6], MIN_SECONDS) ** (1 - NFE_WEIGHT)

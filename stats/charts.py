@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .store import ExpertStats
+from .records import ExpertStats
 
 SCALE = 2
 METRICS = (

@@ -1,0 +1,91 @@
+"""The stats node (V3): MoE Stats, per-expert statistics from the stats store as a chart and a table.
+
+The node id is frozen (saved workflows refer to it). The work is in :func:`stats_report`, which
+tests call directly; the labels, payload and table are :mod:`moe_sampler.stats.report`'s.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from comfy_api.latest import io
+
+from ..stats import report
+from . import paths, routes
+
+CATEGORY = "sampling/moe"
+ROUTER_TOOLTIP = ("Which runs to summarise: '(all)', the built-in default router, a saved router file, or "
+                  "'manual' (runs whose expert was forced).")
+
+
+def stats_filter_options() -> list[str]:
+    """MoE Stats dropdown: all, the built-in router, every saved router, forced runs."""
+    return [report.ALL_ROUTERS, *paths.router_names(), report.MANUAL_ROUTER]
+
+
+def stats_report(router: str = report.ALL_ROUTERS) -> tuple[Any, str, dict]:
+    """``(chart PIL image, text table, JSON payload)`` for a router filter."""
+    from ..stats.charts import expert_stats_chart
+    from ..stats.records import ExpertStats
+
+    payload = routes.stats_for_router(router)
+    stats = [ExpertStats(**entry) for entry in payload["experts"]]
+    title = f"MoE experts: {payload['router'] or 'all routers'}"
+    return expert_stats_chart(stats, title=title), report.stats_text(payload), payload
+
+
+def _store_fingerprint() -> Any:
+    path = paths.stats_store_path()
+    stamps = []
+    for candidate in (path, path.with_name(path.name + "-wal")):
+        try:
+            stat = os.stat(candidate)
+            stamps.append((stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
+class MoEStats(io.ComfyNode):
+    """Per-expert statistics from the stats store, as a chart and a table."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MoEStats",
+            display_name="MoE Stats",
+            category=CATEGORY,
+            description="Shows how each expert has done so far (quality, speed, efficiency, success rate, router "
+                        "confidence, model calls, time) from the runs recorded in the stats store.",
+            inputs=[io.Combo.Input("router", options=stats_filter_options(), default=report.ALL_ROUTERS,
+                                   tooltip=ROUTER_TOOLTIP)],
+            outputs=[io.Image.Output("chart", tooltip="Bar chart of the per-expert scores."),
+                     io.String.Output("table", tooltip="The same numbers as a text table.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, router=None) -> bool | str:
+        # Named here, the router skips the dropdown check: API prompts may name any recorded router.
+        if router is not None:
+            try:
+                paths.check_router_filter(router)
+            except ValueError as exc:
+                return str(exc)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, router=None) -> Any:
+        # The store changes under the same inputs: re-run whenever its files changed.
+        return (router, _store_fingerprint())
+
+    @classmethod
+    def execute(cls, router) -> io.NodeOutput:
+        from ..stats.charts import image_to_comfy_tensor
+
+        chart, table, payload = stats_report(paths.check_router_filter(router))
+        return io.NodeOutput(image_to_comfy_tensor(chart), table, ui={"text": [table], "moe_stats": [payload]})
+
+
+NODES: list[type[io.ComfyNode]] = [MoEStats]

@@ -1,0 +1,79 @@
+"""What the stats look like to a user: the router labels, the JSON payload and the text table.
+
+The labels are defined here once; the nodes, the HTTP routes and the web client (which gets
+them from ``GET /moe_sampler/labels``) all use these. Pure Python: the caller passes the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .store import StatsStore, StatsStoreError
+
+ALL_ROUTERS = "(all)"  # the stats filter for every router
+BUILTIN_ROUTER = "(built-in default)"  # the sampler's dropdown entry for Router.default()
+DEFAULT_ROUTER = "default"  # how runs of the built-in router are labelled in the store
+MANUAL_ROUTER = "manual"  # how runs whose expert was forced with ``mode`` are labelled
+LABELS = {"all_routers": ALL_ROUTERS, "builtin_router": BUILTIN_ROUTER, "default_router": DEFAULT_ROUTER,
+          "manual_router": MANUAL_ROUTER}
+
+
+def router_label(router: str) -> str:
+    """The store's label for a router the sampler ran: ``"default"`` for the built-in one, else its file name."""
+    return DEFAULT_ROUTER if router == BUILTIN_ROUTER else router
+
+
+def router_filter(value: str | None) -> str | None:
+    """The store's router label for a user's stats filter: None for all routers, ``"default"`` for
+    the built-in router, else the value itself."""
+    value = (value or "").strip()
+    if value in ("", ALL_ROUTERS):
+        return None
+    return router_label(value)
+
+
+def is_label(value: Any) -> bool:
+    """True for a filter that names no file: all routers, the built-in one, default, manual."""
+    return value in (ALL_ROUTERS, BUILTIN_ROUTER, DEFAULT_ROUTER, MANUAL_ROUTER)
+
+
+def stats_payload(store: StatsStore, router: str | None = None) -> dict[str, Any]:
+    """Per-expert aggregates as JSON-ready data.
+
+    ``{"router": name or None, "experts": [ExpertStats as dict, ...], "runs": total,
+    "healthy": bool, "problem": text or None}``; a store that cannot be read gives an empty
+    list with ``healthy`` False and the reason (never an exception).
+    """
+    name = router_filter(router)
+    try:
+        stats = store.expert_stats(router=name)
+        problem = store.problem
+    except (StatsStoreError, OSError) as exc:
+        return {"router": name, "experts": [], "runs": 0, "healthy": False, "problem": str(exc)}
+    experts = [dataclasses.asdict(entry) for entry in stats]
+    return {"router": name, "experts": experts, "runs": sum(e["runs"] for e in experts),
+            "healthy": problem is None, "problem": problem}
+
+
+def stats_text(payload: dict[str, Any]) -> str:
+    """A :func:`stats_payload` as a fixed-width text table (what MoE Stats shows and outputs)."""
+    scope = payload.get("router") or "all routers"
+    if not payload.get("healthy", True):
+        return f"MoE stats ({scope}): the stats store is unavailable: {payload.get('problem')}"
+    experts = payload.get("experts", [])
+    if not experts:
+        return f"MoE stats ({scope}): no runs recorded yet."
+
+    def cell(value: Any, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    lines = [f"MoE stats ({scope}): {payload.get('runs', 0)} runs",
+             f"{'expert':<24}{'runs':>6}{'quality':>9}{'speed':>7}{'effic.':>8}{'success':>9}{'conf.':>7}"
+             f"{'NFE':>7}{'sec':>8}"]
+    for e in experts:
+        lines.append(f"{e['expert'][:23]:<24}{e['runs']:>6}{cell(e['quality_score'], '.2f'):>9}"
+                     f"{cell(e['speed_score'], '.2f'):>7}{cell(e['efficiency_score'], '.2f'):>8}"
+                     f"{cell(e['success_rate'], '.0%'):>9}{cell(e['mean_confidence'], '.0%'):>7}"
+                     f"{cell(e['mean_nfe'], '.1f'):>7}{cell(e['mean_seconds'], '.2f'):>8}")
+    return "\n".join(lines)
