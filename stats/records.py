@@ -8,6 +8,7 @@ Score definitions: docs/STATS.md.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import sys
@@ -27,13 +28,16 @@ __all__ = [
     "score_experts",
 ]
 
-SOURCES = ("sampling", "training", "benchmark")
+SOURCES = ("sampling", "training", "benchmark", "audit")
+QUALITY_SOURCES = ("estimate", "audit", "sweep")  # where a run's ``quality`` came from
+MAX_DETAILS = 65_536  # characters of the ``details`` JSON text
 STATE_DIM = 64  # router.features.STATE_DIM, repeated so that this module needs no torch
 NFE_WEIGHT = 0.8  # cost = nfe ** 0.8 * seconds ** 0.2: model calls dominate, seconds break ties
 MIN_NFE, MIN_SECONDS = 1.0, 1e-3  # cost floors: a run with no model call (denoise 0) costs > 0
 COLUMNS = (
     "created", "source", "expert", "router", "state", "priority", "nfe", "steps",
     "seconds", "quality", "success", "confidence", "propensity", "error", "seed",
+    "quality_source", "error_estimate", "model", "details", "audit_seconds",
 )  # fmt: skip
 # name: (low, high, low excluded, None allowed)
 _BOUNDS = {
@@ -43,6 +47,8 @@ _BOUNDS = {
     "confidence": (0.0, 1.0, False, True),
     "priority": (0.0, 1.0, False, True),
     "propensity": (0.0, 1.0, True, True),
+    "error_estimate": (-math.inf, math.inf, False, True),
+    "audit_seconds": (0.0, math.inf, False, True),
 }
 
 
@@ -54,7 +60,7 @@ class RunRecord:
         expert: expert name. router: router name and version (e.g. ``"default@3"``, ``"manual"``).
         nfe: model calls (int >= 0). steps: solver steps (int >= 0). seconds: wall time (>= 0).
         success: finished with a finite output and not interrupted.
-        source: ``"sampling"``, ``"training"`` or ``"benchmark"``.
+        source: ``"sampling"``, ``"training"``, ``"benchmark"`` or ``"audit"``.
         quality: quality estimate in [0, 1], or None when nothing measured it.
         confidence: the router's probability for its pick, in [0, 1], or None.
         propensity: the probability with which the policy picked this expert, in (0, 1], or None.
@@ -62,6 +68,14 @@ class RunRecord:
         state: the [64] context vector (any float sequence or tensor; kept as float32), or None.
         error: the failure reason, or None. seed: the sampling seed, or None.
         created: unix time; defaults to now.
+        quality_source: where ``quality`` came from: ``"estimate"`` (the expert's own estimate),
+            ``"audit"`` (a reference run measured it), ``"sweep"`` (a training sweep), or None.
+        error_estimate: the expert's raw fidelity (error) estimate, a finite number, or None.
+        model: the fingerprint of the model the run used, or None.
+        details: a JSON object (a dict, or its JSON text) with why this expert was picked, the
+            expert's settings and the router version; kept as compact JSON text (at most
+            65536 characters), or None. :meth:`details_dict` parses it back.
+        audit_seconds: extra wall seconds an audit of this run took (>= 0), or None.
     """
 
     expert: str
@@ -79,6 +93,15 @@ class RunRecord:
     error: str | None = None
     seed: int | None = None
     created: float = field(default_factory=time.time)
+    quality_source: str | None = None
+    error_estimate: float | None = None
+    model: str | None = None
+    details: str | None = None
+    audit_seconds: float | None = None
+
+    def details_dict(self) -> dict[str, Any] | None:
+        """:attr:`details` as a dict, or None."""
+        return None if self.details is None else json.loads(self.details)
 
     def __post_init__(self) -> None:
         for name in ("expert", "router"):
@@ -90,6 +113,13 @@ class RunRecord:
             raise ValueError(f"RunRecord.success must be True or False, got {self.success!r}")
         if self.error is not None and not isinstance(self.error, str):
             raise ValueError(f"RunRecord.error must be a string or None, got {self.error!r}")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"RunRecord.model must be a non-empty string or None, got {self.model!r}")
+        if self.quality_source is not None and self.quality_source not in QUALITY_SOURCES:
+            raise ValueError(
+                f"RunRecord.quality_source must be one of {', '.join(QUALITY_SOURCES)} or None; got {self.quality_source!r}"
+            )
+        object.__setattr__(self, "details", _checked_details(self.details))
         for name in ("nfe", "steps", "seed"):
             value = getattr(self, name)
             if name == "seed" and value is None:
@@ -158,6 +188,30 @@ def _checked_state(state: Any) -> tuple[float, ...] | None:
             f"{type(state).__name__} of length {size} (non-numeric or non-finite values are refused)"
         )
     return tuple(packed)
+
+
+def _checked_details(details: Any) -> str | None:
+    """A JSON object (dict or JSON text) as compact JSON text, so equal details compare equal."""
+    if details is None:
+        return None
+    value = details
+    if isinstance(details, str):
+        try:
+            value = json.loads(details)
+        except ValueError:
+            value = None
+    text = None
+    if isinstance(value, dict):
+        try:
+            text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError):
+            text = None
+    if text is None or len(text) > MAX_DETAILS:
+        raise ValueError(
+            f"RunRecord.details must be a JSON object (a dict of JSON values without NaN, or its text) of at most "
+            f"{MAX_DETAILS} characters, or None; got {type(details).__name__} {str(details)[:80]!r}"
+        )
+    return text
 
 
 def _short_float32(value: float) -> float:

@@ -41,7 +41,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # MIGRATIONS[i] takes a database from schema v{i} to v{i + 1}. Append steps; never edit a shipped one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -55,6 +55,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE runs ADD COLUMN seed TEXT",
         "CREATE INDEX runs_by_expert ON runs (expert)",
         "CREATE INDEX runs_by_router ON runs (router, source)",
+    ),
+    (
+        # Online learning and audits: where quality came from, the raw estimate, the model, why.
+        "ALTER TABLE runs ADD COLUMN quality_source TEXT",
+        "ALTER TABLE runs ADD COLUMN error_estimate REAL",
+        "ALTER TABLE runs ADD COLUMN model TEXT",
+        "ALTER TABLE runs ADD COLUMN details TEXT",
+        "ALTER TABLE runs ADD COLUMN audit_seconds REAL",
+        "CREATE INDEX runs_by_model ON runs (model, router)",
     ),
 )
 _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
@@ -271,6 +280,9 @@ class StatsStore:
             count = 0
             for row in rows:
                 entry = {"id": row[0], **row_to_dict(row[1:])}
+                if isinstance(entry["details"], str):  # a JSON object in the export, not its text
+                    with contextlib.suppress(ValueError):
+                        entry["details"] = json.loads(entry["details"])
                 out.write(("," if count else "") + "\n  " + json.dumps(entry))
                 count += 1
             out.write("\n]}\n")

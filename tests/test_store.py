@@ -49,6 +49,8 @@ def test_round_trip_keeps_every_field(store):
         make_run(
             expert="SpeedDemon", source="training", state=[i / 7 for i in range(64)], priority=0.25,
             quality=0.8, confidence=0.6, propensity=0.4, seed=2**64 - 1, created=1_700_000_000.5,
+            quality_source="sweep", error_estimate=-1.25, model="sd15:0123abcd", audit_seconds=0.0,
+            details={"why": {"priority": 0.25, "scores": [0.1, 0.9]}, "router_version": 4, "name": "é"},
         ),
         make_run(success=False, error="NaN in the latent", quality=None, seed=-3, nfe=0, steps=0, seconds=0.0),
     ]  # fmt: skip
@@ -136,10 +138,33 @@ def test_migrates_a_v1_database_without_losing_rows(tmp_path):
     assert [r.created for r in runs[:5]] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert all(r.seed is None and r.router == "v1" for r in runs[:5]) and runs[5].seed == 42
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(runs)")}
     conn.close()
-    assert {"runs_by_expert", "runs_by_router"} <= indexes
+    assert {"runs_by_expert", "runs_by_router", "runs_by_model"} <= indexes
+
+
+def test_migrates_a_v2_database_to_v3_keeping_rows(tmp_path):
+    path = tmp_path / "v2.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(V1_SCHEMA)
+    for statement in store_module.MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO runs (created, source, expert, router, nfe, steps, seconds, success, seed) "
+        "VALUES (1, 'sampling', 'A', 'r', 3, 3, 0.5, 1, '18446744073709551615')"
+    )
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    with StatsStore(path) as store:
+        old = store.runs()[0]
+        assert old.seed == 2**64 - 1 and old.model is None and old.details is None and old.quality_source is None
+        assert store.record(make_run(model="sd15:abc", quality_source="audit", error_estimate=0.02,
+                                     details={"why": "cheap", "router_version": 3}, audit_seconds=4.5))
+        new = store.runs()[1]
+    assert (new.model, new.quality_source, new.error_estimate, new.audit_seconds) == ("sd15:abc", "audit", 0.02, 4.5)
+    assert new.details_dict() == {"why": "cheap", "router_version": 3}
 
 
 def test_corrupt_file_is_reported_and_never_touched(tmp_path, caplog):
@@ -228,7 +253,7 @@ def test_read_only_directory_returns_false(tmp_path):
 
 def test_export_json_and_csv(store, tmp_path):
     runs = [
-        make_run(state=[0.1] * 64, quality=0.5, seed=7),
+        make_run(state=[0.1] * 64, quality=0.5, seed=7, details='{"why": "test"}', model="m1", quality_source="estimate"),
         make_run(expert="SpeedDemon", success=False, error="interrupted, by user"),
     ]
     for run in runs:
@@ -239,6 +264,7 @@ def test_export_json_and_csv(store, tmp_path):
     assert [entry["id"] for entry in data["runs"]] == [1, 2]
     first = data["runs"][0]
     assert first["state"] == [0.1] * 64 and first["seed"] == 7 and first["success"] is True
+    assert first["details"] == {"why": "test"} and first["model"] == "m1" and first["quality_source"] == "estimate"
     assert data["runs"][1]["quality"] is None and data["runs"][1]["error"] == "interrupted, by user"
     assert store.export_csv(tmp_path / "runs.csv") == 2
     with open(tmp_path / "runs.csv", newline="", encoding="utf-8") as handle:
@@ -246,6 +272,7 @@ def test_export_json_and_csv(store, tmp_path):
     assert table[0]["expert"] == "BalancedMaster" and json.loads(table[0]["state"]) == [0.1] * 64
     assert table[0]["success"] == "1" and table[1]["success"] == "0" and table[1]["quality"] == ""
     assert table[1]["error"] == "interrupted, by user" and float(table[0]["seconds"]) == 1.5
+    assert json.loads(table[0]["details"]) == {"why": "test"} and table[1]["details"] == ""
 
 
 def test_interrupted_export_leaves_the_old_file(store, tmp_path, monkeypatch):
@@ -307,7 +334,9 @@ INVALID = [
     ("source", "inference"), ("nfe", -1), ("nfe", 2.5), ("steps", -1), ("seconds", math.nan), ("seconds", -0.1),
     ("quality", 1.5), ("quality", "good"), ("confidence", -0.1), ("propensity", 0.0), ("propensity", 1.01),
     ("priority", 2.0), ("state", [0.0] * 63), ("state", [math.inf] * 64), ("success", 1), ("expert", ""),
-    ("router", None), ("error", 3), ("seed", 1.5), ("created", math.inf),
+    ("router", None), ("error", 3), ("seed", 1.5), ("created", math.inf), ("quality_source", "guess"),
+    ("error_estimate", math.nan), ("error_estimate", "low"), ("model", ""), ("model", 3), ("details", [1, 2]),
+    ("details", "not json"), ("details", {"x": math.nan}), ("details", {"x": "y" * 70_000}), ("audit_seconds", -1.0),
 ]  # fmt: skip
 
 
