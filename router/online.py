@@ -1,0 +1,535 @@
+"""Learning from logged runs, safely: rows of one model, a guarded policy, update and adoption.
+
+What ordinary use logs (one stats row per run: state, expert, quality from the calibrated
+estimate or an audit, model calls, propensity, priority, model) is enough to improve the router,
+if three things hold. This module provides them; :mod:`moe_sampler.nodes.online_learning` runs
+them in ComfyUI and ``bench/online.py`` measures them on the analytic model.
+
+1. **One router per model.** :func:`model_key` names a model by its family and a cheap
+   fingerprint of a few weight tensors (:func:`fingerprint_tensors`); :func:`rows_from_records`
+   keeps the rows of one model only.
+2. **A guarded policy** (:class:`GuardedPolicy`). It starts from the **best fixed expert** for
+   the priority: the expert with the best mean utility over this model's logged rows
+   (self-normalised inverse-propensity means, shrunk towards the descriptor prior of the
+   untrained router with the weight of :data:`PRIOR_ROWS` rows; with no rows it is the prior's
+   pick: SpeedDemon at priority 0, BalancedMaster at 0.5, QualityMaster at 1). It deviates on a
+   context only to an expert whose predicted utility gain over the fixed expert keeps a positive
+   **lower confidence bound**: ``gain - z * sqrt(s_a^2 / n_a + s_f^2 / n_f)`` with ``s`` the
+   router's out-of-sample quality error per expert (measured on held-out rows at the update)
+   and ``n`` the expert's logged rows; and only once the router has been updated from at least
+   ``min_rows`` rows and beat the best fixed expert on held-out rows. Until then it is in its
+   **learning phase** and uses the best fixed expert. Exploration is epsilon-greedy
+   (:data:`EPSILON`): with probability epsilon a uniform draw from the pool; the pick's
+   propensity is logged, which keeps the inverse-propensity estimates unbiased.
+3. **Adoption on held-out rows** (:func:`update`). A candidate router is fitted (warm start from
+   the current one) on the training share of the rows; the held-out share (a stable hash of each
+   row, :data:`HELDOUT_SHARE`) scores the candidate's guarded policy, the current one's and the
+   best fixed expert by self-normalised inverse propensity weighting (SNIPS): full-sweep rows
+   (propensity 1 for every expert of a context) count as full information. The candidate is
+   adopted only if it is **not worse than the current** policy on those rows; a paired
+   bootstrap interval of the difference is reported with it.
+
+Pure torch; no ComfyUI import.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..experts.base import ExpertDescriptor
+from .features import STATE_DIM
+from .model import Router
+from .policy import REFERENCE_TEMPERATURE, Selection, check_priority, cost_from_nfe, draw, lambda_from_priority
+from .policy import probabilities as softmax_probabilities
+
+logger = logging.getLogger(__name__)
+
+EPSILON = 0.05  # exploration: share of uniformly drawn picks (propensities logged)
+Z = 1.64  # one-sided 95% normal quantile of the deviation bound
+PRIOR_ROWS = 5.0  # weight of the descriptor prior in the best-fixed-expert estimate, in rows
+MIN_ROWS = 30  # rows of a model before the router may deviate from the best fixed expert
+MIN_HELDOUT = 10  # held-out rows needed to judge a candidate
+HELDOUT_SHARE = 0.25
+DEFAULT_QUALITY_SD = 0.15  # out-of-sample quality error assumed for an expert with too few held-out rows
+PROPENSITY_CLIP = 10.0  # largest regression weight 1 / propensity (as MoERLTrainer)
+PHASES = ("learning", "guarded")
+
+__all__ = ["EPSILON", "Evidence", "GuardedChoice", "GuardedPolicy", "LoggedRow", "UpdateResult",
+           "fingerprint_tensors", "fit_candidate", "model_key", "policy_values", "rows_from_records", "split_rows",
+           "update"]
+
+
+# ----------------------------------------------------------------------------- which model
+
+
+def fingerprint_tensors(named: Iterable[tuple[str, Tensor]], limit: int = 4) -> str:
+    """A cheap fingerprint of a network's weights: SHA-1 of the names, shapes and float64 sums of
+    the first and last ``limit`` tensors (10 hex digits). Same weights, same fingerprint; a
+    fine-tune or another checkpoint changes the sums. Reads 2 x ``limit`` tensors only."""
+    items = list(named)
+    chosen = items[:limit] + items[max(limit, len(items) - limit):]
+    digest = hashlib.sha1()
+    for name, tensor in chosen:
+        t = tensor.detach()
+        total = float(t.double().sum()) if t.numel() else 0.0
+        digest.update(f"{name}:{tuple(t.shape)}:{total:.10e};".encode())
+    digest.update(f"n={len(items)}".encode())
+    return digest.hexdigest()[:10]
+
+
+def model_key(family: str, fingerprint: str) -> str:
+    """``"<family>-<fingerprint>"``: the name of a model's router and the ``model`` of its rows."""
+    safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in f"{family}-{fingerprint}")
+    return safe[:80]
+
+
+# ----------------------------------------------------------------------------- logged rows
+
+
+@dataclass(frozen=True)
+class LoggedRow:
+    """One logged run usable for learning: state [64], expert, quality in [0, 1] (0 for a failed
+    run), cost ``log2(nfe) / 10``, the propensity of its pick (1 for sweep and forced rows), the
+    priority it was run at, where its quality came from, and a stable key for the held-out split."""
+
+    state: tuple[float, ...]
+    expert: str
+    quality: float
+    cost: float
+    propensity: float
+    priority: float
+    quality_source: str
+    key: str
+
+
+def rows_from_records(records: Sequence[Any], model: str | None = None,
+                      experts: Sequence[str] | None = None) -> list[LoggedRow]:
+    """Learnable rows of ``records`` (``RunRecord``s): with a state and a quality (or failed), of
+    ``model`` when given (rows recorded before the store had a ``model`` column never match a
+    model), and of ``experts`` when given. Fallback runs (no propensity, source sampling) were not
+    chosen by the policy and are skipped."""
+    wanted = set(experts) if experts is not None else None
+    rows = []
+    for r in records:
+        if model is not None and getattr(r, "model", None) != model:
+            continue
+        if r.state is None or (wanted is not None and r.expert not in wanted):
+            continue
+        if r.source == "sampling" and r.propensity is None:
+            continue  # a fallback run
+        if r.success and r.quality is None:
+            continue
+        quality = float(r.quality) if r.success else 0.0
+        source = getattr(r, "quality_source", None) or ("sweep" if r.source == "training" else "estimate")
+        digest = hashlib.sha1(repr(tuple(r.state)).encode()).hexdigest()[:12]
+        key = f"{digest}|{r.seed}|{r.expert}|{r.priority}|{r.created!r}"
+        rows.append(LoggedRow(tuple(r.state), r.expert, quality, float(cost_from_nfe(r.nfe)),
+                              float(r.propensity or 1.0), 0.5 if r.priority is None else float(r.priority),
+                              source, key))
+    return rows
+
+
+def is_heldout(row: LoggedRow, share: float = HELDOUT_SHARE) -> bool:
+    """Stable assignment of a row to the held-out share (a hash of its key, so a row keeps its side
+    across updates). Rows of one context (same state and seed) land on the same side."""
+    context = row.key.split("|")
+    digest = hashlib.sha1(("|".join(context[:2]) if row.quality_source == "sweep" else row.key).encode())
+    return int.from_bytes(digest.digest()[:4], "little") / 2**32 < share
+
+
+def split_rows(rows: Sequence[LoggedRow], share: float = HELDOUT_SHARE) -> tuple[list[LoggedRow], list[LoggedRow]]:
+    """(training rows, held-out rows)."""
+    train, heldout = [], []
+    for row in rows:
+        (heldout if is_heldout(row, share) else train).append(row)
+    return train, heldout
+
+
+# ----------------------------------------------------------------------------- evidence
+
+
+@dataclass(frozen=True)
+class ExpertEvidence:
+    """What a model's logged rows say about one expert: rows, their SNIPS mean quality and cost,
+    and the router's out-of-sample quality error for it (RMSE on held-out rows)."""
+
+    rows: int
+    quality: float
+    cost: float
+    quality_sd: float = DEFAULT_QUALITY_SD
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The guard's data, kept in the router's metadata (``training["guard"]``).
+
+    ``rows``: logged rows the router was updated from; ``trusted``: the router beat the best
+    fixed expert on held-out rows at its adoption; ``experts``: per-expert evidence.
+    """
+
+    rows: int = 0
+    trusted: bool = False
+    experts: dict[str, ExpertEvidence] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "trusted": self.trusted,
+                "experts": {k: dataclasses.asdict(v) for k, v in self.experts.items()}}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Evidence":
+        """Evidence from router metadata; empty for anything unreadable (a hand-made file)."""
+        try:
+            experts = {str(k): ExpertEvidence(int(v["rows"]), float(v["quality"]), float(v["cost"]),
+                                              float(v.get("quality_sd", DEFAULT_QUALITY_SD)))
+                       for k, v in dict(data.get("experts", {})).items()}
+            return cls(int(data.get("rows", 0)), bool(data.get("trusted", False)), experts)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return cls()
+
+
+def _prior() -> Router:
+    global _PRIOR
+    if _PRIOR is None:
+        _PRIOR = Router.default()
+    return _PRIOR
+
+
+_PRIOR: Router | None = None
+
+
+def prior_quality_cost(experts: Sequence[Any]) -> tuple[Tensor, Tensor]:
+    """The untrained router's quality and cost of each expert, [N] each: a function of the
+    descriptor alone (its learned residual starts at zero), so the same for every context."""
+    return _prior().predict(torch.zeros(STATE_DIM), experts)
+
+
+def _name(expert: Any) -> str:
+    return getattr(expert, "descriptor", expert).name
+
+
+def fixed_utilities(evidence: Evidence, experts: Sequence[Any], priority: float) -> Tensor:
+    """Each expert's estimated mean utility at ``priority`` over the model's contexts [N]: the
+    logged SNIPS means shrunk towards the descriptor prior (weight :data:`PRIOR_ROWS`)."""
+    q_prior, c_prior = prior_quality_cost(experts)
+    q, c = q_prior.double().clone(), c_prior.double().clone()
+    for i, expert in enumerate(experts):
+        ev = evidence.experts.get(_name(expert))
+        if ev is not None and ev.rows > 0:
+            q[i] = (ev.rows * ev.quality + PRIOR_ROWS * q[i]) / (ev.rows + PRIOR_ROWS)
+            c[i] = (ev.rows * ev.cost + PRIOR_ROWS * c[i]) / (ev.rows + PRIOR_ROWS)
+    return q - lambda_from_priority(priority) * c
+
+
+def best_fixed(evidence: Evidence, experts: Sequence[Any], priority: float) -> int:
+    """Index of the best fixed expert for ``priority`` (first on ties)."""
+    return int(torch.argmax(fixed_utilities(evidence, experts, priority)))
+
+
+def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] = (), router: Router | None = None,
+                       descriptors: dict[str, ExpertDescriptor] | None = None, trusted: bool = False) -> Evidence:
+    """Per-expert SNIPS means from ``rows`` and the router's RMSE per expert on ``heldout``."""
+    sums: dict[str, list[float]] = {}
+    for row in rows:
+        w = 1.0 / row.propensity
+        s = sums.setdefault(row.expert, [0, 0.0, 0.0, 0.0])
+        s[0] += 1
+        s[1] += w
+        s[2] += w * row.quality
+        s[3] += w * row.cost
+    sd = _heldout_rmse(router, heldout, descriptors) if router is not None and descriptors else {}
+    experts = {name: ExpertEvidence(int(n), qs / ws, cs / ws, sd.get(name, sd.get("*", DEFAULT_QUALITY_SD)))
+               for name, (n, ws, qs, cs) in sums.items()}
+    return Evidence(len(rows), trusted, experts)
+
+
+def _heldout_rmse(router: Router, heldout: Sequence[LoggedRow],
+                  descriptors: dict[str, ExpertDescriptor]) -> dict[str, float]:
+    rows = [r for r in heldout if r.expert in descriptors]
+    if not rows:
+        return {}
+    with torch.no_grad():
+        states = torch.tensor([r.state for r in rows], dtype=torch.float32)
+        feats = torch.stack([descriptors[r.expert].to_features() for r in rows])
+        q, _ = router.scorer(states, feats)
+    err = (q.double() - torch.tensor([r.quality for r in rows], dtype=torch.float64)).square()
+    out = {"*": max(float(err.mean().sqrt()), 0.02)}
+    for name in {r.expert for r in rows}:
+        mask = torch.tensor([r.expert == name for r in rows])
+        if int(mask.sum()) >= 3:
+            out[name] = max(float(err[mask].mean().sqrt()), 0.02)
+    return out
+
+
+# ----------------------------------------------------------------------------- the guarded policy
+
+
+@dataclass(frozen=True)
+class GuardedChoice:
+    """A guarded decision: the :class:`~.policy.Selection` (with the epsilon-greedy probabilities
+    and the pick's propensity), the phase (``"learning"``: the best fixed expert; ``"guarded"``:
+    the router may deviate where the bound allows), the best fixed expert, the greedy pick, the
+    lower bound of each expert's gain over the fixed one, and whether this pick explored."""
+
+    selection: Selection
+    phase: str
+    fixed_expert: str
+    greedy_expert: str
+    gain_bounds: tuple[float, ...]
+    explored: bool
+
+
+class GuardedPolicy:
+    """A router plus its evidence, choosing as the module docstring says.
+
+    Args:
+        router: the scorer (``Router.default()`` before any update).
+        evidence: the router's :class:`Evidence` (``Evidence.from_json(router.training["guard"])``).
+        epsilon: exploration share (0: greedy).
+        z: the bound's normal quantile.
+        min_rows: rows before the router may deviate.
+    """
+
+    def __init__(self, router: Router, evidence: Evidence | None = None, epsilon: float = EPSILON, z: float = Z,
+                 min_rows: int = MIN_ROWS) -> None:
+        if not (0.0 <= epsilon < 1.0):
+            raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+        self.router = router
+        self.evidence = evidence if evidence is not None else Evidence.from_json(router.training.get("guard", {}))
+        self.epsilon, self.z, self.min_rows = epsilon, z, min_rows
+
+    @classmethod
+    def for_router(cls, router: Router, **kwargs: Any) -> "GuardedPolicy":
+        return cls(router, Evidence.from_json(router.training.get("guard", {})), **kwargs)
+
+    @property
+    def phase(self) -> str:
+        """``"learning"`` until the router was updated from ``min_rows`` rows and trusted."""
+        return "guarded" if self.evidence.trusted and self.evidence.rows >= self.min_rows else "learning"
+
+    def greedy(self, state: Tensor, experts: Sequence[Any], priority: float) -> tuple[int, int, Tensor, Tensor, Tensor]:
+        """(greedy index, fixed index, quality [N], cost [N], gain lower bounds [N])."""
+        priority = check_priority(priority)
+        fixed = best_fixed(self.evidence, experts, priority)
+        quality, cost = self.router.predict(state, experts)
+        utility = quality.double() - lambda_from_priority(priority) * cost.double()
+        bounds = torch.full((len(experts),), -math.inf, dtype=torch.float64)
+        bounds[fixed] = 0.0
+        if self.phase == "learning":
+            return fixed, fixed, quality, cost, bounds
+        ev_f = self.evidence.experts.get(_name(experts[fixed]))
+        for i, expert in enumerate(experts):
+            ev = self.evidence.experts.get(_name(expert))
+            if i == fixed or ev is None or ev_f is None or ev.rows == 0 or ev_f.rows == 0:
+                continue
+            se = math.sqrt(ev.quality_sd ** 2 / ev.rows + ev_f.quality_sd ** 2 / ev_f.rows)
+            bounds[i] = float(utility[i] - utility[fixed]) - self.z * se
+        allowed = bounds > 0
+        allowed[fixed] = True
+        masked = torch.where(allowed, utility, torch.full_like(utility, -math.inf))
+        return int(torch.argmax(masked)), fixed, quality, cost, bounds
+
+    def select(self, state: Tensor, experts: Sequence[Any], priority: float = 0.5, seed: int | None = None,
+               epsilon: float | None = None) -> GuardedChoice:
+        """Choose for ``state`` [64]: the greedy guarded pick, or with probability epsilon a uniform
+        draw; the selection's ``propensity`` is the probability of the expert actually picked."""
+        start = time.perf_counter()
+        if experts is None or len(experts) == 0:
+            raise ValueError("expert pool is empty: connect at least one MoE Expert or use the default pool")
+        epsilon = self.epsilon if epsilon is None else epsilon
+        greedy, fixed, quality, cost, bounds = self.greedy(state, experts, priority)
+        n = len(experts)
+        probs = torch.full((n,), epsilon / n, dtype=torch.float64)
+        probs[greedy] += 1.0 - epsilon
+        index = draw(probs, seed)
+        utility = quality.double() - lambda_from_priority(priority) * cost.double()
+        names = [_name(e) for e in experts]
+        selection = Selection(
+            expert=names[index], index=index, propensity=float(probs[index]),
+            confidence=float(softmax_probabilities(utility, REFERENCE_TEMPERATURE)[index]),
+            probabilities=tuple(float(p) for p in probs), utilities=tuple(float(u) for u in utility),
+            predicted_quality=tuple(float(q) for q in quality), predicted_cost=tuple(float(c) for c in cost),
+            decision_seconds=time.perf_counter() - start)
+        return GuardedChoice(selection, self.phase, names[fixed], names[greedy], tuple(float(b) for b in bounds),
+                             index != greedy)
+
+
+# ----------------------------------------------------------------------------- fit, evaluate, adopt
+
+
+def fit_candidate(router: Router, rows: Sequence[LoggedRow], descriptors: dict[str, ExpertDescriptor],
+                  steps: int | None = None, learning_rate: float = 3e-3, batch_size: int = 64, seed: int = 0,
+                  should_stop: Callable[[], bool] | None = None) -> Router:
+    """A copy of ``router`` trained on ``rows`` (weighted MSE on quality and cost, weights
+    ``min(1 / propensity, PROPENSITY_CLIP)``, as ``MoERLTrainer.learn_from_records``); the
+    original is not touched. ``steps`` defaults to ``clamp(2 * rows, 100, 600)`` Adam steps."""
+    candidate = Router(copy.deepcopy(router.scorer), name=router.name, training=dict(router.training),
+                       descriptors=router.descriptors)
+    rows = [r for r in rows if r.expert in descriptors]
+    if not rows:
+        return candidate
+    steps = steps if steps is not None else int(min(max(2 * len(rows), 100), 600))
+    states = torch.tensor([r.state for r in rows], dtype=torch.float32)
+    feats = torch.stack([descriptors[r.expert].to_features() for r in rows])
+    quality = torch.tensor([r.quality for r in rows], dtype=torch.float32)
+    cost = torch.tensor([r.cost for r in rows], dtype=torch.float32)
+    weight = torch.tensor([min(1.0 / r.propensity, PROPENSITY_CLIP) for r in rows], dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    scorer = candidate.scorer
+    optimizer = torch.optim.Adam(scorer.parameters(), lr=learning_rate)
+    with torch.enable_grad():
+        for _ in range(steps):
+            if should_stop is not None and should_stop():
+                break
+            idx = torch.randint(len(rows), (min(batch_size, len(rows)),), generator=generator)
+            q_pred, c_pred = scorer(states[idx], feats[idx])
+            err = (q_pred - quality[idx]).square() + (c_pred - cost[idx]).square()
+            loss = (weight[idx] * err).sum() / weight[idx].sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    names = {d.name: d for d in candidate.descriptors}
+    names.update(descriptors)
+    candidate.descriptors = tuple(names.values())
+    candidate.training = {**candidate.training, "contexts": int(candidate.training.get("contexts", 0) or 0),
+                          "runs": len(rows)}
+    return candidate
+
+
+def policy_values(policies: dict[str, GuardedPolicy], rows: Sequence[LoggedRow], experts: Sequence[Any],
+                  bootstrap: int = 200, seed: int = 0, pairs: Sequence[tuple[str, str]] = ()) -> dict:
+    """SNIPS value of each policy's greedy pick on logged ``rows`` (reward ``quality - lambda(p)
+    cost``), matched rows per policy, and for each ``(a, b)`` in ``pairs`` the difference
+    ``value(a) - value(b)`` with a paired bootstrap 90% interval. Rows of experts outside the
+    pool are ignored. Values are NaN where a policy matches no row."""
+    index = {_name(e): i for i, e in enumerate(experts)}
+    rows = [r for r in rows if r.expert in index]
+    out: dict[str, Any] = {"rows": len(rows), "values": {}, "matched": {}, "differences": {}}
+    if not rows:
+        for name in policies:
+            out["values"][name], out["matched"][name] = math.nan, 0
+        return out
+    reward = torch.tensor([r.quality - lambda_from_priority(r.priority) * r.cost for r in rows], dtype=torch.float64)
+    inverse = torch.tensor([1.0 / r.propensity for r in rows], dtype=torch.float64)
+    logged = torch.tensor([index[r.expert] for r in rows])
+    weights = {}
+    for name, policy in policies.items():
+        picks = torch.tensor([policy.greedy(torch.tensor(r.state), experts, r.priority)[0] for r in rows])
+        w = inverse * (picks == logged)
+        weights[name] = w
+        out["matched"][name] = int((picks == logged).sum())
+        out["values"][name] = float((w * reward).sum() / w.sum()) if float(w.sum()) > 0 else math.nan
+    generator = torch.Generator().manual_seed(seed)
+    resample = torch.randint(len(rows), (bootstrap, len(rows)), generator=generator)
+    for a, b in pairs:
+        wa, wb = weights[a][resample], weights[b][resample]
+        r = reward[resample]
+        va = (wa * r).sum(1) / wa.sum(1)
+        vb = (wb * r).sum(1) / wb.sum(1)
+        diff = (va - vb)[torch.isfinite(va - vb)]
+        point = out["values"][a] - out["values"][b]
+        low, high = ((float(torch.quantile(diff, 0.05)), float(torch.quantile(diff, 0.95)))
+                     if diff.numel() >= 10 else (math.nan, math.nan))
+        out["differences"][f"{a}-{b}"] = {"value": point, "low": low, "high": high}
+    return out
+
+
+class FixedPolicy(GuardedPolicy):
+    """Always the best fixed expert of ``evidence`` (what the guard falls back to)."""
+
+    def __init__(self, evidence: Evidence) -> None:
+        super().__init__(_prior(), evidence, epsilon=0.0)
+
+    def greedy(self, state, experts, priority):  # noqa: D102 - see GuardedPolicy.greedy
+        fixed = best_fixed(self.evidence, experts, priority)
+        quality, cost = prior_quality_cost(experts)
+        bounds = torch.full((len(experts),), -math.inf, dtype=torch.float64)
+        bounds[fixed] = 0.0
+        return fixed, fixed, quality, cost, bounds
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What :func:`update` did: the candidate (with its evidence and evaluation in its
+    ``training`` metadata), whether it is adopted and why, the rows used, and the held-out values
+    of the candidate, the current policy and the best fixed expert."""
+
+    candidate: Router
+    adopted: bool
+    reason: str
+    train_rows: int
+    heldout_rows: int
+    values: dict
+    seconds: float
+
+    def summary(self) -> str:
+        v = self.values.get("values", {})
+        diff = self.values.get("differences", {}).get("candidate-current", {})
+        fmt = lambda x: "n/a" if x is None or not math.isfinite(x) else f"{x:+.4f}"  # noqa: E731
+        return (f"{'adopted' if self.adopted else 'not adopted'} ({self.reason}); {self.train_rows} training rows, "
+                f"{self.heldout_rows} held-out; held-out utility candidate {fmt(v.get('candidate'))}, current "
+                f"{fmt(v.get('current'))}, best fixed {fmt(v.get('fixed'))}; candidate - current "
+                f"{fmt(diff.get('value'))} [90% {fmt(diff.get('low'))}, {fmt(diff.get('high'))}]")
+
+
+def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[Any], model: str | None = None,
+           heldout_share: float = HELDOUT_SHARE, min_heldout: int = MIN_HELDOUT, min_rows: int = MIN_ROWS,
+           steps: int | None = None, seed: int = 0, should_stop: Callable[[], bool] | None = None) -> UpdateResult:
+    """One online update of ``current`` from logged runs of ``model`` over the pool ``experts``.
+
+    ``records_or_rows``: ``RunRecord``s (filtered by :func:`rows_from_records`) or
+    :class:`LoggedRow`s. Returns an :class:`UpdateResult`; the caller publishes the candidate
+    only when ``adopted`` (see :mod:`.versions`).
+    """
+    start = time.perf_counter()
+    descriptors = {_name(e): getattr(e, "descriptor", e) for e in experts}
+    rows = [r for r in records_or_rows if isinstance(r, LoggedRow)]
+    if len(rows) != len(records_or_rows):
+        rows = rows_from_records(records_or_rows, model=model, experts=list(descriptors))
+    rows = [r for r in rows if r.expert in descriptors]
+    train, heldout = split_rows(rows, heldout_share)
+    candidate = fit_candidate(current, train, descriptors, steps=steps, seed=seed, should_stop=should_stop)
+    candidate_evidence = evidence_from_rows(train, heldout, candidate, descriptors, trusted=True)
+    policies = {"candidate": GuardedPolicy(candidate, candidate_evidence, epsilon=0.0, min_rows=min_rows),
+                "current": GuardedPolicy.for_router(current, epsilon=0.0, min_rows=min_rows),
+                "fixed": FixedPolicy(candidate_evidence)}
+    values = policy_values(policies, heldout, experts, seed=seed,
+                           pairs=[("candidate", "current"), ("candidate", "fixed")])
+    v = values["values"]
+    beats_fixed = math.isfinite(v["candidate"]) and math.isfinite(v["fixed"]) and v["candidate"] >= v["fixed"]
+    candidate_evidence = dataclasses.replace(candidate_evidence, trusted=beats_fixed)
+    if len(heldout) < min_heldout:
+        adopted, reason = False, f"{len(heldout)} held-out rows, {min_heldout} needed to judge it"
+    elif not math.isfinite(v["candidate"]) or not math.isfinite(v["current"]):
+        adopted, reason = False, "no held-out row matches both policies' picks"
+    elif v["candidate"] < v["current"]:
+        adopted, reason = False, "worse than the current router on held-out rows"
+    else:
+        adopted = True
+        reason = ("not worse than the current router on held-out rows"
+                  + ("" if beats_fixed else "; below the best fixed expert there, so it keeps the best fixed expert"))
+    candidate.training = {
+        **candidate.training, "model": model if model is not None else current.training.get("model"),
+        "guard": candidate_evidence.to_json(),
+        "online": {"adopted": adopted, "reason": reason, "train_rows": len(train), "heldout_rows": len(heldout),
+                   "values": _finite(values), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    }
+    candidate.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result = UpdateResult(candidate, adopted, reason, len(train), len(heldout), values, time.perf_counter() - start)
+    logger.info("online update of %s: %s", model or current.name, result.summary())
+    return result
+
+
+def _finite(data: Any) -> Any:
+    """JSON-safe copy (NaN -> None)."""
+    return json.loads(json.dumps(data, default=str).replace("NaN", "null"))
