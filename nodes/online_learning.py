@@ -1,0 +1,496 @@
+"""The learning loop inside ComfyUI: model fingerprints, audits, background updates, MoE Learn From Runs.
+
+- **One router per model.** :func:`model_fingerprint` names a ComfyUI MODEL by its family and a
+  cheap fingerprint of a few weight tensors (cached per loaded model). With the sampler's router
+  set to :data:`LEARNED_ROUTER` the run uses that model's own router, ``learned/<key>`` in the
+  routers folder (:class:`~moe_sampler.router.versions.LocalRegistry`), through the guarded
+  policy of :mod:`moe_sampler.router.online`; before its first adopted version the untrained
+  router's best fixed expert (the "learning" phase).
+- **Audits.** With probability ``audit_rate`` the sampler also runs the reference (the training
+  environment's: QualityMaster's solver with ``REFERENCE_STEPS`` steps) from the same noise after
+  the expert and scores the run exactly (:func:`run_audit`); the returned latent is the expert's.
+- **Background updates.** :class:`OnlineLearner` counts the recorded runs of each model; after
+  every ``every`` runs it queues an update for a daemon thread, which reads the model's rows from
+  the stats store, fits a candidate, judges it on held-out rows and publishes it as a new version
+  only when adopted. The sampler only increments a counter and puts a key in a queue: never a
+  wait on the sampling path.
+- **MoE Learn From Runs** (``MoELearnFromRuns``): the same update on demand.
+
+ComfyUI modules are imported inside functions; the learner, the fingerprint of plain torch
+modules and the record annotation import and test without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import queue
+import random
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+LEARNED_ROUTER = "(learned for this model)"  # the sampler's dropdown entry for the learning loop
+LEARNED_FOLDER = "learned"  # routers of the learning loop: models/moe_routers/learned/<model key>
+DEFAULT_AUDIT_RATE = 0.02
+UPDATE_EVERY = int(os.environ.get("MOE_SAMPLER_LEARN_EVERY", "25") or 25)  # recorded runs per model between updates
+MAX_ROWS = 20_000  # newest rows read for an update
+LEARNING_ENV = "MOE_SAMPLER_LEARNING"  # "0" turns the background updates off
+
+_fingerprints: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_fingerprint_lock = threading.Lock()
+
+
+# ----------------------------------------------------------------------------- which model
+
+
+def model_fingerprint(model: Any) -> str:
+    """``"<family>-<10 hex>"`` for a ComfyUI MODEL (a ModelPatcher) or any torch module.
+
+    The hex part hashes the names, shapes and sums of the first and last 4 parameter tensors of
+    the diffusion network (:func:`~moe_sampler.router.online.fingerprint_tensors`), cached per
+    loaded network, so it costs a few tensor sums once per checkpoint load. Patches applied on
+    top (LoRA) do not change it: a router belongs to the base model.
+    """
+    from ..router.online import fingerprint_tensors, model_key
+
+    network = _network(model)
+    with _fingerprint_lock:
+        try:
+            cached = _fingerprints.get(network)
+        except TypeError:  # not weak-referenceable
+            cached = None
+    if cached is not None:
+        return cached
+    family = _family(model)
+    try:
+        named = list(network.named_parameters()) if hasattr(network, "named_parameters") else []
+    except Exception:  # a model whose parameters cannot be listed: fall back to its class name
+        named = []
+    digest = fingerprint_tensors(named) if named else f"{type(network).__name__}"[:10]
+    key = model_key(family, digest)
+    with _fingerprint_lock:
+        try:
+            _fingerprints[network] = key
+        except TypeError:
+            pass
+    return key
+
+
+def _network(model: Any) -> Any:
+    base = getattr(model, "model", model)  # ModelPatcher -> BaseModel
+    return getattr(base, "diffusion_model", base)
+
+
+def _family(model: Any) -> str:
+    try:
+        from . import comfy_experts
+
+        return comfy_experts.model_family(model)
+    except Exception:  # no ComfyUI (tests with a plain module) or an unknown model type
+        return "model"
+
+
+def learned_router_name(key: str) -> str:
+    """The registry name of a model's router (``learned/<key>``; its file ``learned/<key>.safetensors``)."""
+    return f"{LEARNED_FOLDER}/{key}"
+
+
+def learned_label(key: str) -> str:
+    """How runs of a model's learned router are labelled in the store (its file name)."""
+    return learned_router_name(key) + ".safetensors"
+
+
+def registry() -> Any:
+    """The routers folder as a :class:`~moe_sampler.router.versions.LocalRegistry`."""
+    from ..router.versions import LocalRegistry
+    from . import paths
+
+    return LocalRegistry(paths._router_folders()[0])
+
+
+def model_warning(router: Any, key: str, label: str) -> str | None:
+    """A warning when ``router`` (a file the user picked) was trained on another model than ``key``."""
+    trained = (getattr(router, "training", None) or {}).get("model")
+    if trained == key:
+        return None
+    if trained:
+        return (f"router {label} was trained on another model ({trained}; this one is {key}): its picks may not "
+                f"fit; use '{LEARNED_ROUTER}' or retrain it on this model")
+    return (f"router {label} does not record which model it was trained on (this one is {key}); if it was "
+            f"trained on another model (e.g. the analytic demo) its picks may not fit")
+
+
+# ----------------------------------------------------------------------------- the learned router
+
+
+@dataclass(frozen=True)
+class LearnedPolicy:
+    """A model's guarded policy and where it came from (version 0: no adopted version yet)."""
+
+    policy: Any  # router.online.GuardedPolicy
+    version: int
+    label: str
+
+
+_policies: dict[str, tuple[Any, Any]] = {}
+_policy_lock = threading.Lock()
+
+
+def learned_policy(key: str, epsilon: float | None = None) -> LearnedPolicy:
+    """The guarded policy of the model ``key``: its followed router version (cached per file
+    version) or, before the first adoption, the untrained router in its learning phase."""
+    from ..router.model import Router
+    from ..router.online import EPSILON, GuardedPolicy
+    from . import paths
+
+    label = learned_label(key)
+    try:
+        router = paths.load_router(label)
+    except ValueError:  # no version yet (or an unreadable file: logged once by the cache miss)
+        router = None
+    with _policy_lock:
+        cached = _policies.get(key)
+        if cached is None or cached[0] is not router:
+            base = router if router is not None else Router.default()
+            policy = GuardedPolicy.for_router(base, epsilon=EPSILON if epsilon is None else epsilon)
+            cached = _policies[key] = (router, policy)
+    version = int((router.training.get("version", 0) if router is not None else 0) or 0)
+    return LearnedPolicy(cached[1], version, label)
+
+
+def learning_info(choice: Any, learned: LearnedPolicy, learner: "OnlineLearner | None", key: str) -> dict:
+    """The badge's ``learning`` entry: phase, sentence, version, rows, next update."""
+    policy = learned.policy
+    rows = policy.evidence.rows
+    if choice.phase == "learning":
+        text = (f"learning: using the best fixed expert ({choice.fixed_expert}) until the router has learned "
+                f"enough from this model's runs ({rows} rows so far)")
+    else:
+        text = (f"learned router v{learned.version} ({rows} rows of this model); deviates from the best fixed "
+                f"expert ({choice.fixed_expert}) only where the data supports it")
+    info = {"phase": choice.phase, "text": text, "version": learned.version, "rows": rows,
+            "fixed_expert": choice.fixed_expert, "explored": choice.explored, "epsilon": policy.epsilon,
+            "model": key}
+    if learner is not None:
+        info.update(learner.status(key))
+    return info
+
+
+def router_options(names: Sequence[str]) -> list[str]:
+    """The sampler's router dropdown: the built-in default, then :data:`LEARNED_ROUTER`, then the files."""
+    names = list(names)
+    return [*names[:1], LEARNED_ROUTER, *(n for n in names[1:] if n != LEARNED_ROUTER)]
+
+
+def choice_details(choice: Any, learned: LearnedPolicy) -> dict:
+    """What the stats row keeps about a guarded decision (its ``details``)."""
+    return {"learning": {"phase": choice.phase, "fixed_expert": choice.fixed_expert,
+                         "greedy_expert": choice.greedy_expert, "explored": choice.explored,
+                         "epsilon": learned.policy.epsilon, "router_version": learned.version}}
+
+
+def badge_extras(ui: dict, model: str | None, learning: dict | None, audit: "Audit | None",
+                 warning: str | None) -> dict:
+    """Add the learning loop to the node's payload: ``model``, ``learning`` (phase and sentence),
+    ``audit`` and ``audit_seconds`` (null when not audited), ``warning``; one text line each."""
+    info = ui["moe_run"][0]
+    info["model"] = model
+    info["learning"] = learning
+    info["audited"] = audit is not None
+    info["audit_seconds"] = None if audit is None else round(audit.seconds, 4)
+    info["audit"] = None if audit is None else {"quality": audit.quality, "relative_error": audit.relative_error,
+                                                 "nfe": audit.nfe, "error": audit.error}
+    info["warning"] = warning
+    lines = []
+    if learning is not None:
+        lines.append(learning["text"])
+    if audit is not None:
+        quality = "failed" if audit.quality is None else f"quality {audit.quality:.2f}"
+        lines.append(f"audited: {quality}, +{audit.seconds:.2f} s for the {audit.nfe}-call reference")
+    if warning:
+        lines.append(f"warning: {warning}")
+    if lines:
+        ui["text"] = ["\n".join([ui["text"][0], *lines]), *ui["text"][1:]]
+    return ui
+
+
+# ----------------------------------------------------------------------------- audits
+
+
+@dataclass(frozen=True)
+class Audit:
+    """An audit's result: the run's exact quality and relative error against the reference, the
+    reference's model calls and the extra seconds it took (None quality when it failed)."""
+
+    quality: float | None
+    relative_error: float | None
+    nfe: int
+    seconds: float
+    error: str | None = None
+
+
+def draw_audit(audit_rate: float, rng: random.Random | None = None) -> bool:
+    """True with probability ``audit_rate`` (fresh entropy unless ``rng`` is given)."""
+    if not (0.0 <= audit_rate <= 1.0) or math.isnan(audit_rate):
+        raise ValueError(f"audit_rate: must be in [0, 1] (0 turns audits off), got {audit_rate}")
+    if audit_rate <= 0.0:
+        return False
+    return (rng or random.SystemRandom()).random() < audit_rate
+
+
+def run_audit(model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, cfg: float, denoise: float,
+              samples: Any) -> Audit:
+    """Run the reference from the same noise and score ``samples`` (the expert's output) against it.
+
+    The reference is the training environment's (:data:`~.comfy_environment.REFERENCE_STEPS`
+    steps of QualityMaster's solver); no previews, no fallback. ComfyUI's interrupt propagates;
+    any other failure gives an :class:`Audit` with ``error`` set.
+    """
+    import torch
+
+    from . import bridge
+    from .comfy_environment import REFERENCE_STEPS, quality_from_relative_error, relative_error
+
+    start = time.perf_counter()
+    attempts: list = []
+    reference_expert = _reference_expert(REFERENCE_STEPS)
+    try:
+        with torch.inference_mode():
+            latent, report = bridge.sample_with_expert(model, reference_expert, positive, negative, latent_image, seed,
+                                                       cfg, denoise, preview=False, disable_pbar=True, fallback=None,
+                                                       attempts=attempts)
+    except (RuntimeError, ValueError, ArithmeticError) as exc:  # ComfyUI's interrupt is none of these
+        logger.warning("MoE audit failed: %s", exc)
+        nfe = attempts[-1].nfe if attempts else 0
+        return Audit(None, None, nfe, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
+    error = relative_error(samples.detach().float().cpu(), latent["samples"].detach().float().cpu())
+    return Audit(quality_from_relative_error(error), error if math.isfinite(error) else None, report.nfe,
+                 time.perf_counter() - start)
+
+
+def _reference_expert(steps: int) -> Any:
+    from ..experts import get_expert
+
+    base = get_expert("QualityMaster")
+    descriptor = dataclasses.replace(base.descriptor, name="Reference", steps=steps, max_nfe=0)
+    return dataclasses.replace(base, descriptor=descriptor)
+
+
+# ----------------------------------------------------------------------------- store rows
+
+
+def annotate(records: list, *, model: str | None, audit: Audit | None = None, details: dict | None = None) -> list:
+    """The sampler's rows with the learning loop's fields: ``model`` on every row; on the first
+    (the routed pick) the audit's exact quality (``quality_source="audit"``) and ``audit_seconds``,
+    and ``details`` (phase, exploration, router version). Fields the store does not know are left
+    out, so this works with an older ``RunRecord``."""
+    if not records:
+        return records
+    names = {f.name for f in dataclasses.fields(records[0])}
+    out = []
+    for i, record in enumerate(records):
+        fields: dict[str, Any] = {}
+        if "model" in names and model is not None:
+            fields["model"] = model
+        if i == 0:
+            if audit is not None:
+                if "audit_seconds" in names:
+                    fields["audit_seconds"] = max(audit.seconds, 0.0)
+                if audit.quality is not None and record.success:
+                    fields["quality"] = float(audit.quality)
+                    if "quality_source" in names:
+                        fields["quality_source"] = "audit"
+            if details and "details" in names:
+                fields["details"] = {**_details_dict(record), **details}
+        out.append(dataclasses.replace(record, **fields) if fields else record)
+    return out
+
+
+def _details_dict(record: Any) -> dict:
+    getter = getattr(record, "details_dict", None)
+    try:
+        return dict(getter() or {}) if callable(getter) else {}
+    except Exception:
+        return {}
+
+
+# ----------------------------------------------------------------------------- updates
+
+
+@dataclass(frozen=True)
+class LearnOutcome:
+    """An update's result: the :class:`~moe_sampler.router.online.UpdateResult` (None when there
+    were no rows), the version published (None when not adopted) and a one-line summary."""
+
+    key: str
+    result: Any
+    version: int | None
+    summary: str
+    rows: int
+
+
+def learn_now(key: str, experts: Sequence[Any], store: Any, registry_: Any = None,
+              should_stop: Callable[[], bool] | None = None, seed: int = 0) -> LearnOutcome:
+    """Update the model ``key``'s router from its logged rows in ``store`` and publish the
+    candidate as a new version when it is adopted (see :func:`moe_sampler.router.online.update`)."""
+    from ..router.model import Router
+    from ..router.online import rows_from_records, update
+
+    registry_ = registry_ if registry_ is not None else registry()
+    name = learned_router_name(key)
+    flush = getattr(store, "flush", None)
+    if callable(flush):
+        flush(timeout=10.0)
+    records = store.runs(limit=MAX_ROWS)
+    rows = rows_from_records(records, model=key, experts=[getattr(e, "descriptor", e).name for e in experts])
+    if not rows:
+        return LearnOutcome(key, None, None, f"no logged runs with a quality for model {key} yet", 0)
+    latest = registry_.latest(name)
+    current = registry_.load(name) if latest is not None else Router.default()
+    current.name = name
+    result = update(current, rows, experts, model=key, should_stop=should_stop, seed=seed)
+    version = None
+    if result.adopted:
+        result.candidate.name = name
+        version = registry_.publish(name, result.candidate).version
+    summary = f"{name}: " + (f"v{version} " if version is not None else "") + result.summary()
+    return LearnOutcome(key, result, version, summary, len(rows))
+
+
+class OnlineLearner:
+    """Background updates: after every ``every`` recorded runs of a model, one update on a daemon
+    thread (at most one queued per model; a run never waits for it).
+
+    Args:
+        every: recorded runs of a model between updates.
+        learn: ``learn(key, experts, store) -> LearnOutcome`` (:func:`learn_now`; tests pass a slow fake).
+    """
+
+    def __init__(self, every: int = UPDATE_EVERY, learn: Callable[..., Any] | None = None) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = every
+        self.learn = learn if learn is not None else learn_now
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, Any] = {}
+        self.updates: dict[str, int] = {}
+        self._pending: set[str] = set()
+        self._running: str | None = None
+        self._queue: "queue.SimpleQueue[tuple[str, Sequence[Any], Any]]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+
+    def note_run(self, key: str, experts: Sequence[Any], store: Any) -> bool:
+        """Count one recorded run of ``key``; queue an update on every ``every``-th. Returns whether
+        one was queued. Never blocks on an update."""
+        with self._lock:
+            count = self.counts[key] = self.counts.get(key, 0) + 1
+            if count % self.every or key in self._pending:
+                return False
+            self._pending.add(key)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="moe-online-learner", daemon=True)
+                self._thread.start()
+        self._queue.put((key, tuple(experts), store))
+        return True
+
+    def status(self, key: str) -> dict:
+        """``runs_logged``, ``next_update_in``, ``updating`` and the last update's summary for a model."""
+        with self._lock:
+            count = self.counts.get(key, 0)
+            last = self.last.get(key)
+            return {"runs_logged": count, "next_update_in": self.every - count % self.every,
+                    "updating": key in self._pending, "last_update": getattr(last, "summary", None)}
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no update is queued or running (tests, shutdown); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._pending, timeout)
+
+    def _work(self) -> None:
+        while True:
+            key, experts, store = self._queue.get()
+            try:
+                outcome = self.learn(key, experts, store)
+                logger.info("MoE online update: %s", getattr(outcome, "summary", outcome))
+            except Exception as exc:  # the learner must outlive one bad update
+                logger.exception("MoE online update of %s failed", key)
+                outcome = LearnOutcome(key, None, None, f"update failed: {type(exc).__name__}: {exc}", 0)
+            with self._idle:
+                self.last[key] = outcome
+                self.updates[key] = self.updates.get(key, 0) + 1
+                self._pending.discard(key)
+                self._idle.notify_all()
+
+
+_learner: OnlineLearner | None = None
+
+
+def learner() -> OnlineLearner | None:
+    """The process-wide learner; None when ``MOE_SAMPLER_LEARNING=0`` turns background updates off."""
+    global _learner
+    if os.environ.get(LEARNING_ENV, "1").strip() in ("0", "false", "off", "no"):
+        return None
+    if _learner is None:
+        _learner = OnlineLearner()
+    return _learner
+
+
+# ----------------------------------------------------------------------------- the on-demand node
+
+
+def _learn_node() -> Any:
+    from comfy_api.latest import io
+
+    from ..experts import default_pool
+    from . import comfy_experts, paths
+    from .sampler_nodes import CATEGORY, ExpertPoolType
+
+    class MoELearnFromRuns(io.ComfyNode):
+        """Update this model's learned router from its logged runs now."""
+
+        @classmethod
+        def define_schema(cls) -> io.Schema:
+            return io.Schema(
+                node_id="MoELearnFromRuns",
+                display_name="MoE Learn From Runs",
+                category=CATEGORY,
+                description="Updates the router of this model from its logged MoE Adaptive Sampler runs (the same "
+                            "update the sampler runs in the background every few runs): fits a candidate, "
+                            "compares it with the current version and the best fixed expert on held-out runs, "
+                            "and saves it as a new version only if it is not worse.",
+                inputs=[
+                    io.Model.Input("model", tooltip="The model whose runs to learn from (its router is "
+                                                    "models/moe_routers/learned/<model>.safetensors)."),
+                    ExpertPoolType.Input("expert_pool", optional=True,
+                                         tooltip="The experts the router chooses from; not connected: the five "
+                                                 "main built-in experts."),
+                ],
+                outputs=[io.String.Output(display_name="report", tooltip="What the update did.")],
+                not_idempotent=True,
+            )
+
+        @classmethod
+        def execute(cls, model, expert_pool=None) -> io.NodeOutput:
+            import comfy.model_management
+
+            pool = comfy_experts.check_pool(default_pool() if expert_pool is None else expert_pool)
+            key = model_fingerprint(model)
+            outcome = learn_now(key, pool, paths.stats_store(),
+                                should_stop=comfy.model_management.processing_interrupted)
+            return io.NodeOutput(outcome.summary, ui={"text": [outcome.summary]})
+
+    return MoELearnFromRuns
+
+
+def nodes() -> list:
+    """The module's nodes (built lazily: they need ComfyUI)."""
+    return [_learn_node()]

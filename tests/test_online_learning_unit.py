@@ -1,0 +1,246 @@
+"""The learning loop's ComfyUI-free parts (nodes/online_learning.py): background updates never
+block the caller, an on-demand update publishes a version only when adopted, the sampler's rows
+get the model, audit and exploration fields, the badge says what phase the router is in, and a
+router trained on another model is flagged. Runs without ComfyUI (a stand-in ``folder_paths``)."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import import_node_module
+
+paths = import_node_module("paths")
+online = import_node_module("online_learning")
+
+from moe_sampler.experts import default_pool  # noqa: E402
+from moe_sampler.router.model import Router  # noqa: E402
+from moe_sampler.router.policy import cost_from_nfe  # noqa: E402
+from moe_sampler.stats.store import RunRecord, StatsStore  # noqa: E402
+
+POOL = default_pool()
+KEY = "eps-0123456789"
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    """A stand-in folder_paths with the routers folder under tmp_path."""
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    fp.folder_names_and_paths = {}
+
+    def add_model_folder_path(name, path, is_default=False):
+        fp.folder_names_and_paths.setdefault(name, ([], set()))[0].insert(0, path)
+
+    def get_filename_list(name):
+        folders, extensions = fp.folder_names_and_paths[name]
+        found = []
+        for folder in folders:
+            for p in Path(folder).rglob("*"):
+                if p.is_file() and (not extensions or p.suffix in extensions):
+                    found.append(p.relative_to(folder).as_posix())
+        return sorted(found)
+
+    fp.add_model_folder_path = add_model_folder_path
+    fp.get_folder_paths = lambda name: list(fp.folder_names_and_paths[name][0])
+    fp.get_filename_list = get_filename_list
+    fp.get_system_user_directory = lambda name: str(tmp_path / "user" / f"__{name}")
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    paths.register_folders()
+    paths._router_cache.clear()
+    online._policies.clear()
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------ background updates
+
+
+def test_background_updates_never_block_the_sampling_path():
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def slow_learn(key, experts, store):
+        calls.append(key)
+        started.set()
+        release.wait(10)  # a learner far slower than a run
+        return online.LearnOutcome(key, None, None, "fake update", 0)
+
+    learner = online.OnlineLearner(every=3, learn=slow_learn)
+    durations = []
+    for i in range(30):
+        start = time.perf_counter()
+        learner.note_run(KEY, POOL, store=None)
+        durations.append(time.perf_counter() - start)
+        if i == 2:
+            assert started.wait(5), "the update did not start"
+    assert max(durations) < 0.05, durations  # the learner was busy the whole time
+    status = learner.status(KEY)
+    assert status["updating"] and status["runs_logged"] == 30
+    release.set()
+    assert learner.wait(10)
+    assert calls == [KEY]  # one update was running; the others coalesced instead of piling up
+    assert learner.status(KEY)["last_update"] == "fake update"
+    queued = [learner.note_run(KEY, POOL, store=None) for _ in range(3)]
+    assert queued == [False, False, True]  # the 33rd run queues the next one
+    assert learner.wait(10) and calls == [KEY, KEY]
+
+
+def test_a_failing_update_does_not_kill_the_learner():
+    outcomes = iter([RuntimeError("disk full"), "ok"])
+
+    def flaky(key, experts, store):
+        item = next(outcomes)
+        if isinstance(item, Exception):
+            raise item
+        return online.LearnOutcome(key, None, None, item, 0)
+
+    learner = online.OnlineLearner(every=1, learn=flaky)
+    learner.note_run(KEY, POOL, None)
+    assert learner.wait(5)
+    assert "disk full" in learner.status(KEY)["last_update"]
+    learner.note_run(KEY, POOL, None)
+    assert learner.wait(5) and learner.status(KEY)["last_update"] == "ok"
+
+
+def test_learning_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(online.LEARNING_ENV, "0")
+    assert online.learner() is None
+
+
+# ------------------------------------------------------------------------------ on-demand update and versions
+
+
+def _synthetic_records(n: int, model: str, seed: int = 0) -> list[RunRecord]:
+    """Rows whose best expert depends on state slot 41 (as a real model's would on the prompt)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        state = [0.0] * 64
+        state[41] = rng.uniform(-1, 1)
+        expert = POOL[rng.randrange(len(POOL))]
+        quality = min(1.0, max(0.0, 0.5 + 0.3 * state[41] * (1 if expert.name == "QualityMaster" else -1)
+                               + rng.gauss(0, 0.03)))
+        out.append(RunRecord(expert=expert.name, router=online.learned_label(model), nfe=expert.descriptor.max_nfe,
+                             steps=10, seconds=0.1, success=True, quality=quality, propensity=1 / len(POOL),
+                             priority=rng.random(), state=state, seed=i, created=1000.0 + i, model=model,
+                             quality_source="audit"))
+    return out
+
+
+def test_learn_now_publishes_a_version_only_when_adopted(folders, tmp_path):
+    store = StatsStore(tmp_path / "stats.sqlite3")
+    try:
+        empty = online.learn_now(KEY, POOL, store)
+        assert empty.version is None and "no logged runs" in empty.summary
+        for record in [*_synthetic_records(160, KEY), *_synthetic_records(40, "eps-other", seed=1)]:
+            store.record(record)
+        outcome = online.learn_now(KEY, POOL, store)
+        assert outcome.rows == 160  # the other model's rows are not used
+        registry = online.registry()
+        name = online.learned_router_name(KEY)
+        if outcome.result.adopted:
+            assert outcome.version == 1 and registry.latest(name).version == 1
+            assert registry.load(name).training["model"] == KEY
+            # the followed file and the pinned version are both in the sampler's dropdown
+            options = online.router_options(paths.router_names())
+            assert options[:2] == [paths.BUILTIN_ROUTER, online.LEARNED_ROUTER]
+            assert f"learned/{KEY}.safetensors" in options and f"learned/{KEY}.versions/v0001.safetensors" in options
+            learned = online.learned_policy(KEY)
+            assert learned.version == 1 and learned.label == f"learned/{KEY}.safetensors"
+        else:
+            assert outcome.version is None and registry.latest(name) is None
+        assert outcome.result.heldout_rows > 0
+    finally:
+        store.close()
+
+
+def test_before_any_version_the_learned_router_is_in_its_learning_phase(folders):
+    learned = online.learned_policy(KEY)
+    assert learned.version == 0
+    choice = learned.policy.select(torch.zeros(64), POOL, 0.5, seed=0, epsilon=0.0)
+    assert choice.phase == "learning" and choice.selection.expert == "BalancedMaster"
+    info = online.learning_info(choice, learned, online.OnlineLearner(every=25, learn=lambda *a: None), KEY)
+    assert info["phase"] == "learning" and "learning: using the best fixed expert (BalancedMaster)" in info["text"]
+    assert info["next_update_in"] == 25
+
+
+# ------------------------------------------------------------------------------ rows, badge, warnings
+
+
+def _record(**kw) -> RunRecord:
+    base = dict(expert="BalancedMaster", router="learned/x.safetensors", nfe=20, steps=20, seconds=1.0, success=True,
+                propensity=0.96, priority=0.5, details={"why": "kept"})
+    return RunRecord(**{**base, **kw})
+
+
+def test_rows_get_the_model_the_audit_and_the_exploration():
+    audit = online.Audit(quality=0.71, relative_error=0.0075, nfe=100, seconds=2.5)
+    fallback = _record(expert="QualityMaster", propensity=None, details=None)
+    rows = online.annotate([_record(), fallback], model=KEY, audit=audit,
+                           details={"learning": {"phase": "learning", "explored": False}})
+    first, second = rows
+    assert first.model == second.model == KEY
+    assert first.quality == 0.71 and first.quality_source == "audit" and first.audit_seconds == 2.5
+    assert first.details_dict() == {"why": "kept", "learning": {"phase": "learning", "explored": False}}
+    assert second.quality is None and second.audit_seconds is None
+    failed = online.annotate([_record(success=False, error="x")], model=KEY, audit=audit)[0]
+    assert failed.quality is None  # an audit never gives a failed run a quality
+
+
+def test_audit_rate_is_checked_and_drawn():
+    with pytest.raises(ValueError, match="audit_rate"):
+        online.draw_audit(1.5)
+    with pytest.raises(ValueError, match="audit_rate"):
+        online.draw_audit(math.nan)
+    assert not any(online.draw_audit(0.0) for _ in range(1000))
+    assert all(online.draw_audit(1.0) for _ in range(100))
+    rng = random.Random(0)
+    share = sum(online.draw_audit(0.02, rng) for _ in range(20000)) / 20000
+    assert 0.015 < share < 0.025
+
+
+def test_badge_shows_phase_audit_and_warning():
+    ui = {"moe_run": [{"expert": "BalancedMaster"}], "text": ["BalancedMaster: 20 model calls"]}
+    learning = {"phase": "learning", "text": "learning: using the best fixed expert (BalancedMaster) ..."}
+    audit = online.Audit(0.71, 0.0075, 100, 2.5)
+    out = online.badge_extras(ui, KEY, learning, audit, "router x was trained on another model")
+    info = out["moe_run"][0]
+    assert info["learning"]["phase"] == "learning" and info["audited"] and info["audit_seconds"] == 2.5
+    lines = out["text"][0].splitlines()
+    assert lines[1].startswith("learning: using the best fixed expert")
+    assert lines[2] == "audited: quality 0.71, +2.50 s for the 100-call reference"
+    assert lines[3].startswith("warning: router x")
+    plain = online.badge_extras({"moe_run": [{}], "text": ["t"]}, KEY, None, None, None)
+    assert plain["text"] == ["t"] and plain["moe_run"][0]["audit_seconds"] is None
+
+
+def test_a_router_of_another_model_is_flagged():
+    router = Router.default()
+    router.training["model"] = "eps-aaaaaaaaaa"
+    assert "trained on another model (eps-aaaaaaaaaa" in online.model_warning(router, KEY, "r.safetensors")
+    router.training["model"] = KEY
+    assert online.model_warning(router, KEY, "r.safetensors") is None
+    del router.training["model"]
+    assert "does not record which model" in online.model_warning(router, KEY, "r.safetensors")
+
+
+def test_model_fingerprint_is_cached_per_network(monkeypatch):
+    from moe_sampler.router import online as router_online
+
+    net = torch.nn.Linear(3, 3)
+    model = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=net))
+    calls = []
+    real = router_online.fingerprint_tensors
+    monkeypatch.setattr(router_online, "fingerprint_tensors", lambda named: calls.append(1) or real(named))
+    first = online.model_fingerprint(model)
+    assert online.model_fingerprint(model) == first and len(calls) == 1
+    other = torch.nn.Linear(3, 3)
+    assert online.model_fingerprint(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=other))) != first
