@@ -39,31 +39,54 @@ def is_label(value: Any) -> bool:
 
 
 def stats_payload(store: StatsStore, router: str | None = None) -> dict[str, Any]:
-    """Per-expert aggregates as JSON-ready data.
+    """Per-expert aggregates and the store's health as JSON-ready data; fast, never raises.
 
     ``{"router": name or None, "experts": [ExpertStats as dict, ...], "runs": total,
-    "healthy": bool, "problem": text or None}``; a store that cannot be read gives an empty
-    list with ``healthy`` False and the reason (never an exception).
+    "healthy": bool, "problem": text or None, "notice": text or None, "dropped": int,
+    "waiting": int}``. ``healthy`` is False while the store is locked by another process or
+    failing (``problem`` says why; the experts are still listed if they could be read);
+    ``dropped`` counts runs this process could not record, ``waiting`` the runs held in memory
+    for a retry; ``notice`` says what the store did (e.g. a damaged file moved aside). Texts
+    name the store by file or database name, never by an absolute path.
     """
     name = router_filter(router)
+    health_of = getattr(store, "health", None)
     try:
         stats = store.expert_stats(router=name)
-        problem = store.problem
     except (StatsStoreError, OSError) as exc:
-        return {"router": name, "experts": [], "runs": 0, "healthy": False, "problem": str(exc)}
+        health = health_of(probe=False) if health_of else {}
+        return {"router": name, "experts": [], "runs": 0, "healthy": False, "problem": str(exc),
+                "notice": health.get("notice"), "dropped": health.get("dropped", 0),
+                "waiting": health.get("waiting", 0)}
+    health = health_of() if health_of else {"healthy": store.problem is None, "problem": store.problem}
     experts = [dataclasses.asdict(entry) for entry in stats]
     return {"router": name, "experts": experts, "runs": sum(e["runs"] for e in experts),
-            "healthy": problem is None, "problem": problem}
+            "healthy": health["healthy"], "problem": health["problem"], "notice": health.get("notice"),
+            "dropped": health.get("dropped", 0), "waiting": health.get("waiting", 0)}
+
+
+def _store_lines(payload: dict[str, Any]) -> list[str]:
+    """The store's state under the table: a problem, a notice, dropped runs (nothing when all is well)."""
+    lines = []
+    if not payload.get("healthy", True) and payload.get("experts"):
+        lines.append(f"Stats store problem: {payload.get('problem')}")
+    if payload.get("notice"):
+        lines.append(f"Stats store notice: {payload['notice']}")
+    dropped = payload.get("dropped") or 0
+    if dropped:
+        lines.append(f"{dropped} run{'s' if dropped != 1 else ''} could not be recorded (dropped); see the log")
+    return lines
 
 
 def stats_text(payload: dict[str, Any]) -> str:
     """A :func:`stats_payload` as a fixed-width text table (what MoE Stats shows and outputs)."""
     scope = payload.get("router") or "all routers"
-    if not payload.get("healthy", True):
-        return f"MoE stats ({scope}): the stats store is unavailable: {payload.get('problem')}"
     experts = payload.get("experts", [])
+    if not payload.get("healthy", True) and not experts:
+        return "\n".join([f"MoE stats ({scope}): the stats store is unavailable: {payload.get('problem')}",
+                          *_store_lines(payload)])
     if not experts:
-        return f"MoE stats ({scope}): no runs recorded yet."
+        return "\n".join([f"MoE stats ({scope}): no runs recorded yet.", *_store_lines(payload)])
 
     def cell(value: Any, fmt: str) -> str:
         return "n/a" if value is None else format(value, fmt)
@@ -76,4 +99,4 @@ def stats_text(payload: dict[str, Any]) -> str:
                      f"{cell(e['speed_score'], '.2f'):>7}{cell(e['efficiency_score'], '.2f'):>8}"
                      f"{cell(e['success_rate'], '.0%'):>9}{cell(e['mean_confidence'], '.0%'):>7}"
                      f"{cell(e['mean_nfe'], '.1f'):>7}{cell(e['mean_seconds'], '.2f'):>8}")
-    return "\n".join(lines)
+    return "\n".join(lines + _store_lines(payload))

@@ -1,4 +1,10 @@
-"""The stats store: round trip, aggregates against hand computation, migration, faults, export."""
+"""The stats store on both backends (SQLite file, PostgreSQL server): round trip, aggregates against
+hand computation, migration, faults, export; and the regression tests of issue 9's store defects.
+
+Every test that takes the ``target`` or ``store`` fixture runs once per backend. The PostgreSQL
+variant uses ``MOE_SAMPLER_TEST_DATABASE_URL`` or starts a throwaway server
+(``tests/helpers/postgres.py``); each test gets a schema of its own.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,23 @@ import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import BOOTSTRAP, run_unprivileged
+from helpers import postgres as pg_helper
+
 from moe_sampler.stats import records as records_module
+from moe_sampler.stats import report, sqlite_store
 from moe_sampler.stats import store as store_module
 from moe_sampler.stats.store import (
     SCHEMA_VERSION,
@@ -28,7 +43,7 @@ V1_SCHEMA = """CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, created 
     source TEXT NOT NULL, expert TEXT NOT NULL, router TEXT NOT NULL, state BLOB, priority REAL,
     nfe INTEGER NOT NULL, steps INTEGER NOT NULL, seconds REAL NOT NULL, quality REAL,
     success INTEGER NOT NULL, confidence REAL, propensity REAL, error TEXT)"""
-FOREIGN_INSERT = """INSERT INTO runs (created, source, expert, router, nfe, steps, seconds, success)
+FOREIGN_INSERT = """INSERT INTO {table} (created, source, expert, router, nfe, steps, seconds, success)
     VALUES (1, ?, ?, 'x', 1, 1, 0.1, 1)"""
 
 
@@ -38,9 +53,81 @@ def make_run(**overrides) -> RunRecord:
     return RunRecord(**values)
 
 
+class Target:
+    """Where a test's store lives, for either backend: open stores there, run raw SQL beside the store."""
+
+    def __init__(self, kind: str, where: str | Path, schema: str | None = None) -> None:
+        self.kind, self.where, self.schema = kind, where, schema
+
+    def open(self, **kwargs) -> StatsStore:
+        if self.kind == "postgresql":
+            kwargs.setdefault("schema", self.schema)
+        return StatsStore(self.where, **kwargs)
+
+    @property
+    def table(self) -> str:
+        return "runs" if self.kind == "sqlite" else f"{self.schema}.runs"
+
+    def execute(self, sql: str, params=()) -> list:
+        """Raw SQL (``?`` placeholders, ``{table}``) as another program would run it; the rows it returns."""
+        sql = sql.replace("{table}", self.table)
+        if self.kind == "sqlite":
+            conn = sqlite3.connect(self.where, isolation_level=None)
+            try:
+                return conn.execute(sql, params).fetchall()
+            finally:
+                conn.close()
+        import psycopg
+
+        with psycopg.connect(self.where, autocommit=True) as conn:
+            cursor = conn.execute(sql.replace("?", "%s"), params)
+            return cursor.fetchall() if cursor.description else []
+
+    def set_version(self, version: int) -> None:
+        if self.kind == "sqlite":
+            self.execute(f"PRAGMA user_version = {version}")
+        else:
+            self.execute(f"UPDATE {self.schema}.meta SET value = '{version}' WHERE key = 'schema_version'")
+
+    def create_at_version(self, version: int) -> None:
+        """An empty database at an old schema version, made with that version's migration steps."""
+        if self.kind == "sqlite":
+            for step in store_module.MIGRATIONS[:version]:
+                for statement in step:
+                    self.execute(statement)
+        else:
+            from moe_sampler.stats import postgres_store
+
+            self.execute(f"CREATE SCHEMA {self.schema}")
+            self.execute(f"CREATE TABLE {self.schema}.meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self.execute(f"INSERT INTO {self.schema}.meta VALUES ('schema_version', '0')")
+            for step in postgres_store.MIGRATIONS[:version]:
+                for statement in step:
+                    self.execute(statement)
+        self.set_version(version)
+
+
+def postgres_url() -> str:
+    try:
+        return pg_helper.database_url()
+    except pg_helper.Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path):
+    if request.param == "sqlite":
+        yield Target("sqlite", tmp_path / "stats.sqlite3")
+        return
+    url = postgres_url()
+    schema = pg_helper.unique_schema()
+    yield Target("postgresql", url, schema)
+    pg_helper.drop_schema(url, schema)
+
+
 @pytest.fixture
-def store(tmp_path):
-    with StatsStore(tmp_path / "stats.sqlite3", timeout=2.0) as opened:
+def store(target):
+    with target.open(timeout=2.0) as opened:
         yield opened
 
 
@@ -121,43 +208,31 @@ def test_filters_by_router_source_expert_and_limit(store):
         store.runs(limit=-1)
 
 
-def test_migrates_a_v1_database_without_losing_rows(tmp_path):
-    path = tmp_path / "old.sqlite3"
-    with sqlite3.connect(path) as conn:
-        conn.execute(V1_SCHEMA)
-        conn.executemany(
-            "INSERT INTO runs (created, source, expert, router, nfe, steps, seconds, quality, success) "
-            "VALUES (?,?,?,?,?,?,?,?,?)",
-            [(1.0 + i, "sampling", "SpeedDemon", "v1", 8, 8, 0.5, 0.7, 1) for i in range(5)],
-        )
-        conn.execute("PRAGMA user_version = 1")
-    conn.close()
-    with StatsStore(path) as store:
+def test_migrates_a_v1_database_without_losing_rows(target):
+    target.create_at_version(1)
+    for i in range(5):
+        target.execute("INSERT INTO {table} (created, source, expert, router, nfe, steps, seconds, quality, success) "
+                       "VALUES (?,?,?,?,?,?,?,?,?)", (1.0 + i, "sampling", "SpeedDemon", "v1", 8, 8, 0.5, 0.7, 1))
+    with target.open() as store:
         assert store.record(make_run(seed=42))
         runs = store.runs()
     assert [r.created for r in runs[:5]] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert all(r.seed is None and r.router == "v1" for r in runs[:5]) and runs[5].seed == 42
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-        indexes = {row[1] for row in conn.execute("PRAGMA index_list(runs)")}
-    conn.close()
+    if target.kind == "sqlite":
+        assert target.execute("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
+        indexes = {row[1] for row in target.execute("PRAGMA index_list(runs)")}
+    else:
+        assert target.execute(f"SELECT value FROM {target.schema}.meta")[0][0] == str(SCHEMA_VERSION)
+        indexes = {row[0] for row in target.execute("SELECT indexname FROM pg_indexes WHERE schemaname = ?",
+                                                    (target.schema,))}
     assert {"runs_by_expert", "runs_by_router", "runs_by_model"} <= indexes
 
 
-def test_migrates_a_v2_database_to_v3_keeping_rows(tmp_path):
-    path = tmp_path / "v2.sqlite3"
-    conn = sqlite3.connect(path)
-    conn.execute(V1_SCHEMA)
-    for statement in store_module.MIGRATIONS[1]:
-        conn.execute(statement)
-    conn.execute(
-        "INSERT INTO runs (created, source, expert, router, nfe, steps, seconds, success, seed) "
-        "VALUES (1, 'sampling', 'A', 'r', 3, 3, 0.5, 1, '18446744073709551615')"
-    )
-    conn.execute("PRAGMA user_version = 2")
-    conn.commit()
-    conn.close()
-    with StatsStore(path) as store:
+def test_migrates_a_v2_database_to_v3_keeping_rows(target):
+    target.create_at_version(2)
+    target.execute("INSERT INTO {table} (created, source, expert, router, nfe, steps, seconds, success, seed) "
+                   "VALUES (1, 'sampling', 'A', 'r', 3, 3, 0.5, 1, '18446744073709551615')")
+    with target.open() as store:
         old = store.runs()[0]
         assert old.seed == 2**64 - 1 and old.model is None and old.details is None and old.quality_source is None
         assert store.record(make_run(model="sd15:abc", quality_source="audit", error_estimate=0.02,
@@ -167,43 +242,169 @@ def test_migrates_a_v2_database_to_v3_keeping_rows(tmp_path):
     assert new.details_dict() == {"why": "cheap", "router_version": 3}
 
 
-def test_corrupt_file_is_reported_and_never_touched(tmp_path, caplog):
+DEFECT6_CASES = {
+    "garbage": lambda good: bytes(range(256)) * 64,
+    "cut_below_one_page": lambda good: good[:3000],
+    "cut_of_the_last_100_bytes": lambda good: good[:-100],
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DEFECT6_CASES))
+def test_defect6_truncated_or_garbage_store_is_moved_aside_not_taken_over(tmp_path, damage, caplog):
+    """Issue 9, defect 6: a file that is not a valid, complete store is kept aside, never written to."""
     path = tmp_path / "stats.sqlite3"
-    garbage = bytes(range(256)) * 64
-    path.write_bytes(garbage)
+    with StatsStore(path) as store:
+        for seed in range(200):  # several pages, so that a cut of 100 bytes leaves a plausible file
+            store.record(make_run(seed=seed, error="x" * 100))
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.close()
+    good = path.read_bytes()
+    assert len(good) > 8192
+    damaged = DEFECT6_CASES[damage](good)
+    path.write_bytes(damaged)
+    (tmp_path / "stats.sqlite3-wal").write_bytes(b"")  # an (empty) companion moves with it
     with StatsStore(path, timeout=0.5) as store, caplog.at_level(logging.WARNING):
-        assert store.record(make_run()) is False
-        assert store.record(make_run()) is False
-        assert not store.healthy and str(path) in store.problem and "untouched" in store.problem
-        assert not store.check()
-        with pytest.raises(StatsStoreError, match="damaged"):
-            store.runs()
-        with pytest.raises(StatsStoreError):
-            store.export_json(tmp_path / "export.json")
-        assert store.dropped == 2
-    assert path.read_bytes() == garbage
-    assert not (tmp_path / "export.json").exists()
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "not recorded" in warnings[0].getMessage()
+        assert store.record(make_run(seed=999))
+        assert [r.seed for r in store.runs()] == [999]  # a new store, not the damaged one
+        payload = report.stats_payload(store)
+        notice = store.notice
+    aside = sorted(p.name for p in tmp_path.iterdir() if ".damaged-" in p.name)
+    assert len(aside) == 2 and aside[0].startswith("stats.sqlite3.damaged-") and aside[1] == aside[0] + "-wal"
+    assert (tmp_path / aside[0]).read_bytes() == damaged  # kept as it was, byte for byte
+    assert "moved aside as " + aside[0] in notice and str(tmp_path) not in notice
+    assert payload["notice"] == notice and payload["healthy"] is True
+    assert notice in report.stats_text(payload)
+    assert "moved aside" in caplog.text
 
 
-def test_locked_database_drops_quickly_and_loses_nothing(tmp_path, caplog):
+def test_defect6_a_store_damaged_inside_is_found_by_quick_check(tmp_path):
+    path = tmp_path / "stats.sqlite3"
+    with StatsStore(path) as store:
+        for seed in range(300):
+            store.record(make_run(seed=seed, error="y" * 200))
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    data[3 * page : 3 * page + 200] = b"\xff" * 200  # a b-tree page overwritten; size and header intact
+    path.write_bytes(bytes(data))
+    sqlite_store._checked.clear()  # a new process would check again
+    with StatsStore(path) as store:
+        assert store.record(make_run(seed=1)) and [r.seed for r in store.runs()] == [1]
+        assert "quick_check" in store.notice or "malformed" in store.notice
+    assert len([p for p in tmp_path.iterdir() if ".damaged-" in p.name]) == 1
+
+
+def test_locked_database_keeps_the_run_and_writes_it_later(tmp_path, caplog):
     path = tmp_path / "stats.sqlite3"
     with StatsStore(path, timeout=0.3) as store:
         assert store.record(make_run(seed=1))
         holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")
-        holder.execute(FOREIGN_INSERT, ("sampling", "Other"))
+        holder.execute(FOREIGN_INSERT.replace("{table}", "runs"), ("sampling", "Other"))
         start = time.monotonic()
         with caplog.at_level(logging.WARNING):
-            assert store.record(make_run(seed=2)) is False
+            assert store.record(make_run(seed=2)) is False  # not now: kept and retried
         assert time.monotonic() - start < 2.0
-        assert "locked" in caplog.text and store.healthy
+        assert "locked" in caplog.text and not store.healthy and store.waiting == 1
+        assert "1 run kept in memory" in store.problem and str(tmp_path) not in store.problem
         holder.execute("COMMIT")
         holder.close()
-        assert store.record(make_run(seed=3))
+        assert store.flush(timeout=10)
+        assert store.record(make_run(seed=3)) and store.healthy and store.dropped == 0
         stored = [(r.expert, r.seed) for r in store.runs()]
-        assert stored == [("BalancedMaster", 1), ("Other", None), ("BalancedMaster", 3)]
+        assert stored == [("BalancedMaster", 1), ("Other", None), ("BalancedMaster", 2), ("BalancedMaster", 3)]
+
+
+HOLDER = BOOTSTRAP + """
+import sys, time
+kind, where, table, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+if kind == "sqlite":
+    import sqlite3
+    conn = sqlite3.connect(where, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+else:
+    import psycopg
+    conn = psycopg.connect(where)  # not autocommit: the lock lasts until the end of the transaction
+    conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")  # blocks INSERTs, not SELECTs
+print("locked", flush=True)
+time.sleep(seconds)
+conn.rollback() if kind != "sqlite" else conn.execute("ROLLBACK")
+"""
+
+
+def hold_write_lock(target, seconds: float) -> subprocess.Popen:
+    """Another process that holds the store's write lock for ``seconds`` (returns once it holds it)."""
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, target.kind, str(target.where), target.table, str(seconds)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_defect3_locked_store_does_not_stall_readers_or_lose_runs(target):
+    """Issue 9, defect 3: with another process holding the write lock, reads stay fast, the store is
+    reported locked, and the runs that could not be written are kept and written afterwards."""
+    with target.open(timeout=1.0) as store:
+        assert store.record(make_run(expert="Before", seed=0))
+        holder = hold_write_lock(target, 8.0)
+        try:
+            assert all(store.record_async(make_run(expert="During", seed=i)) for i in range(1, 4))
+            time.sleep(1.5)  # the writer has tried and failed at least once
+            timings = []
+            for _ in range(3):
+                start = time.monotonic()
+                payload = report.stats_payload(store)
+                text = report.stats_text(payload)
+                timings.append(time.monotonic() - start)
+                assert payload["healthy"] is False and "locked by another process" in payload["problem"]
+                assert payload["waiting"] == 3 and "3 runs kept in memory" in payload["problem"]
+                assert [e["expert"] for e in payload["experts"]] == ["Before"]  # the table is still there
+                assert "Stats store problem: " in text and "locked" in text
+                assert str(target.where) not in json.dumps(payload)
+            assert max(timings) < 1.0, timings
+            start = time.monotonic()
+            assert [r.expert for r in store.runs()] == ["Before"]
+            assert time.monotonic() - start < 1.0
+        finally:
+            holder.wait(timeout=30)
+        assert store.flush(timeout=20)
+        payload = report.stats_payload(store)
+        assert payload["healthy"] is True and payload["problem"] is None and payload["dropped"] == 0
+        assert [r.seed for r in store.runs()] == [0, 1, 2, 3]
+
+
+def test_defect3_an_idle_store_under_a_foreign_lock_is_reported_locked(target):
+    with target.open() as store:
+        assert store.record(make_run())
+        holder = hold_write_lock(target, 4.0)
+        try:
+            start = time.monotonic()
+            payload = report.stats_payload(store)
+            assert time.monotonic() - start < 1.0
+            assert payload["healthy"] is False and "locked by another process" in payload["problem"]
+            assert payload["experts"][0]["runs"] == 1
+        finally:
+            holder.wait(timeout=30)
+        assert report.stats_payload(store)["healthy"] is True
+
+
+def test_defect3_runs_beyond_the_memory_bound_are_dropped_and_shown(target):
+    with target.open(timeout=0.3, max_pending=2) as store:
+        assert store.record(make_run(seed=0))
+        holder = hold_write_lock(target, 4.0)
+        try:
+            results = [store.record_async(make_run(seed=i)) for i in range(1, 6)]
+            assert results == [True, True, False, False, False]
+            payload = report.stats_payload(store)
+            assert payload["dropped"] == 3 and payload["waiting"] == 2
+            assert "3 runs could not be recorded (dropped)" in report.stats_text(payload)
+        finally:
+            holder.wait(timeout=30)
+        assert store.flush(timeout=20)
+        assert [r.seed for r in store.runs()] == [0, 1, 2] and store.dropped == 3
 
 
 def test_a_write_waits_for_a_short_lock(tmp_path):
@@ -230,25 +431,38 @@ def test_missing_directory_is_created(tmp_path):
 def test_unusable_directory_returns_false(tmp_path, caplog):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the folder should be")
-    with StatsStore(blocker / "stats.sqlite3") as store, caplog.at_level(logging.WARNING):
+    with StatsStore(blocker / "stats.sqlite3", timeout=0.2) as store, caplog.at_level(logging.WARNING):
         assert store.record(make_run()) is False
-        assert not store.healthy and "cannot use" in store.problem
-        with pytest.raises(StatsStoreError):
+        assert not store.healthy and "cannot use stats.sqlite3" in store.problem
+        assert str(tmp_path) not in store.problem  # never an absolute server path (issue 9, item 7)
+        with pytest.raises(StatsStoreError) as raised:
             store.expert_stats()
-    assert "not recorded" in caplog.text
+        assert str(tmp_path) not in str(raised.value)
+        payload = report.stats_payload(store)
+        assert payload["healthy"] is False and str(tmp_path) not in json.dumps(payload)
+    assert store.dropped == 1 and "not recorded" in caplog.text  # still unusable at close: lost, and counted
     assert blocker.read_text() == "a file where the folder should be"
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_directory_returns_false(tmp_path):
-    folder = tmp_path / "ro"
+def test_read_only_directory_returns_false():
+    # Root ignores permissions, so as root (CI) an unprivileged child process opens the store; the
+    # folder is then one it can reach (tmp_path's parents are private to root) but not write.
+    base = Path(tempfile.mkdtemp(prefix="moe_ro_"))
+    base.chmod(0o755)
+    folder = base / "ro"
     folder.mkdir()
     folder.chmod(0o555)
-    try:
+
+    def attempt():
         with StatsStore(folder / "stats.sqlite3") as store:
-            assert store.record(make_run()) is False and not store.healthy
+            return os.access(folder, os.R_OK | os.X_OK), store.record(make_run()), store.healthy
+
+    try:
+        assert run_unprivileged(attempt) == (True, False, False)  # reachable, not written, unhealthy
+        assert not (folder / "stats.sqlite3").exists()
     finally:
         folder.chmod(0o755)
+        shutil.rmtree(base)
 
 
 def test_export_json_and_csv(store, tmp_path):
@@ -295,19 +509,18 @@ def test_interrupted_export_leaves_the_old_file(store, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".runs")) == []
 
 
-def test_background_writer_drains_on_close(tmp_path):
-    path = tmp_path / "stats.sqlite3"
-    store = StatsStore(path)
+def test_background_writer_drains_on_close(target):
+    store = target.open()
     assert all(store.record_async(make_run(seed=i)) for i in range(300))
     store.close()
     assert store.record_async(make_run()) is False
-    with StatsStore(path) as reopened:
+    with target.open() as reopened:
         assert [r.seed for r in reopened.runs()] == list(range(300))
 
 
-def test_flush_waits_and_a_full_queue_drops(tmp_path):
-    with StatsStore(tmp_path / "stats.sqlite3", max_pending=2) as store:
-        with store._lock:  # hold the writer back so the queue fills up
+def test_flush_waits_and_a_full_queue_drops(target):
+    with target.open(max_pending=2) as store:
+        with store._write_lock:  # hold the writer back so the queue fills up
             results = [store.record_async(make_run(seed=i)) for i in range(3)]
             assert store.flush(timeout=0.1) is False
         assert results == [True, True, False]
@@ -315,15 +528,12 @@ def test_flush_waits_and_a_full_queue_drops(tmp_path):
         assert [r.seed for r in store.runs()] == [0, 1] and store.dropped == 1
 
 
-def test_foreign_rows_and_newer_schema_do_not_break_the_store(tmp_path, caplog):
-    path = tmp_path / "stats.sqlite3"
-    with StatsStore(path) as store:
+def test_foreign_rows_and_newer_schema_do_not_break_the_store(target, tmp_path, caplog):
+    with target.open() as store:
         store.record(make_run(seed=1))
-    with sqlite3.connect(path) as conn:
-        conn.execute(FOREIGN_INSERT, ("elsewhere", "X"))
-        conn.execute("PRAGMA user_version = 99")
-    conn.close()
-    with StatsStore(path) as store, caplog.at_level(logging.WARNING):
+    target.execute(FOREIGN_INSERT, ("elsewhere", "X"))
+    target.set_version(99)
+    with target.open() as store, caplog.at_level(logging.WARNING):
         assert store.record(make_run(seed=2))
         assert [r.seed for r in store.runs()] == [1, 2]
         assert store.export_json(tmp_path / "all.json") == 3

@@ -1,4 +1,5 @@
-"""The stats store with real processes: concurrent writers, and a writer killed mid-write."""
+"""The stats store with real processes: concurrent writers, and writers killed mid-write (kill -9),
+on both backends (SQLite file, PostgreSQL server; see tests/helpers/postgres.py)."""
 
 from __future__ import annotations
 
@@ -9,28 +10,25 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import BOOTSTRAP
+from helpers import postgres as pg_helper
 
 # Load this checkout as ``moe_sampler`` the way tests/conftest.py does, whatever is installed.
-PREAMBLE = f"""
-import importlib.util, os, sys, time
-spec = importlib.util.spec_from_file_location(
-    "moe_sampler", {str(ROOT / "__init__.py")!r}, submodule_search_locations=[{str(ROOT)!r}])
-module = importlib.util.module_from_spec(spec)
-sys.modules["moe_sampler"] = module
-spec.loader.exec_module(module)
+PREAMBLE = BOOTSTRAP + """
+import os, sys, time
 from moe_sampler.stats.store import RunRecord, StatsStore
+
+def open_store(where, schema):
+    return StatsStore(where, timeout=20.0, **({"schema": schema} if schema != "-" else {}))
 """
 
 WRITER = PREAMBLE + """
-path, go, worker, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, schema, go, worker, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 while not os.path.exists(go):
     time.sleep(0.001)
-store = StatsStore(path, timeout=20.0)
+store = open_store(path, schema)
 failed = [i for i in range(count) if not store.record(RunRecord(
     expert=f"worker{worker}", router="concurrency", nfe=i, steps=1, seconds=0.01, success=True,
     state=[float(i)] * 64, seed=worker * 100000 + i))]
@@ -39,8 +37,8 @@ sys.exit(f"worker {worker}: {len(failed)} records failed: {failed[:10]}" if fail
 """
 
 LOOPING_WRITER = PREAMBLE + """
-store = StatsStore(sys.argv[1], timeout=20.0)
-base = int(sys.argv[2])
+store = open_store(sys.argv[1], sys.argv[2])
+base = int(sys.argv[3])
 for i in range(base, base + 10**7):
     run = RunRecord(expert="Victim", router="kill", nfe=i % 50, steps=1, seconds=0.01, success=True,
                     state=[0.5] * 64, seed=i, error="x" * (i % 300) or None)
@@ -55,50 +53,109 @@ def _python(script: str, *args: object, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env, **kwargs)
 
 
-def test_four_processes_write_at_once_and_lose_nothing(tmp_path):
-    path, go = tmp_path / "stats.sqlite3", tmp_path / "go"
+class Where:
+    """A store's location for child processes (``where``, ``schema`` arguments) and its rows for checks."""
+
+    def __init__(self, kind, where, schema="-"):
+        self.kind, self.where, self.schema = kind, str(where), schema
+
+    def seeds(self) -> list[int]:
+        """Every stored seed (duplicates kept); checks SQLite's integrity first."""
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.where) as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+                rows = conn.execute("SELECT seed FROM runs").fetchall()
+            conn.close()
+        else:
+            import psycopg
+
+            with psycopg.connect(self.where) as conn:
+                rows = conn.execute(f"SELECT seed FROM {self.schema}.runs").fetchall()
+        return [int(seed) for (seed,) in rows]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def where(request, tmp_path):
+    if request.param == "sqlite":
+        yield Where("sqlite", tmp_path / "stats.sqlite3")
+        return
+    try:
+        url = pg_helper.database_url()
+    except pg_helper.Unavailable as exc:
+        pytest.skip(str(exc))
+    schema = pg_helper.unique_schema()
+    yield Where("postgresql", url, schema)
+    pg_helper.drop_schema(url, schema)
+
+
+def test_four_processes_write_at_once_and_lose_nothing(where, tmp_path):
+    go = tmp_path / "go"
     workers, count = 4, 200
     children = [
-        _python(WRITER, path, go, worker, count, stderr=subprocess.PIPE, text=True) for worker in range(workers)
+        _python(WRITER, where.where, where.schema, go, worker, count, stderr=subprocess.PIPE, text=True)
+        for worker in range(workers)
     ]
     time.sleep(0.5)  # let every interpreter start, so that the first opens (and migrations) collide too
     go.touch()
     for child in children:
-        _, err = child.communicate(timeout=60)
+        _, err = child.communicate(timeout=120)
         assert child.returncode == 0, err
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT expert, seed FROM runs").fetchall()
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    conn.close()
-    assert len(rows) == workers * count
-    assert sorted(int(seed) for _, seed in rows) == sorted(w * 100000 + i for w in range(workers) for i in range(count))
+    seeds = where.seeds()
+    assert sorted(seeds) == sorted(w * 100000 + i for w in range(workers) for i in range(count))
+
+
+def _read_until(child: subprocess.Popen, reported: set[int], lines: int) -> None:
+    for seen, line in enumerate(child.stdout, 1):
+        reported.add(int(line))
+        if seen >= lines:
+            return
+
+
+def _kill(child: subprocess.Popen, reported: set[int]) -> None:
+    child.send_signal(signal.SIGKILL)
+    # Read through the same buffered reader: communicate() would skip lines it already holds.
+    reported.update(int(line) for line in child.stdout.read().split())
+    child.stdout.close()
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL, "the writer ended on its own"
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_writer_killed_mid_write_loses_at_most_the_row_in_flight(tmp_path):
-    path = tmp_path / "stats.sqlite3"
+def test_writer_killed_mid_write_loses_at_most_the_row_in_flight(where):
     rng = random.Random(os.getpid() ^ int(time.time()))
     reported: set[int] = set()
     for round_index in range(3):
-        base = round_index * 10**7
-        child = _python(LOOPING_WRITER, path, base, stdout=subprocess.PIPE, text=True)
-        target = rng.randint(20, 400)
-        seen = 0
-        for line in child.stdout:
-            reported.add(int(line))
-            seen += 1
-            if seen >= target:
-                break
+        child = _python(LOOPING_WRITER, where.where, where.schema, round_index * 10**7, stdout=subprocess.PIPE,
+                        text=True)
+        _read_until(child, reported, rng.randint(20, 400))
         time.sleep(rng.uniform(0.0, 0.02))  # land somewhere inside a later write
-        child.send_signal(signal.SIGKILL)
-        # Read through the same buffered reader: communicate() would skip lines it already holds.
-        reported.update(int(line) for line in child.stdout.read().split())
-        child.stdout.close()
-        child.wait(timeout=30)
-        assert child.returncode == -signal.SIGKILL, f"round {round_index}: the writer ended on its own"
-        with sqlite3.connect(path) as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            stored = {int(seed) for (seed,) in conn.execute("SELECT seed FROM runs")}
-        conn.close()
+        _kill(child, reported)
+        stored = set(where.seeds())
         assert reported <= stored, f"round {round_index}: committed rows lost: {sorted(reported - stored)[:10]}"
         assert len(stored - reported) <= round_index + 1, f"round {round_index}: more than one unreported row per kill"
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_four_writers_killed_at_random_moments_rows_equal_committed_runs(where):
+    """Issue 12, item 4: 4 writer processes, each killed with SIGKILL at a random moment and restarted,
+    2 rounds: every run a writer saw committed is stored, once; at most one more row per kill."""
+    rng = random.Random(os.getpid() ^ int(time.time()))
+    reported: set[int] = set()
+    kills = 0
+    for round_index in range(2):
+        children = [
+            _python(LOOPING_WRITER, where.where, where.schema, (round_index * 4 + w) * 10**7,
+                    stdout=subprocess.PIPE, text=True)
+            for w in range(4)
+        ]
+        for child in children:
+            _read_until(child, reported, rng.randint(10, 150))
+        for child in rng.sample(children, len(children)):
+            time.sleep(rng.uniform(0.0, 0.05))
+            _kill(child, reported)
+            kills += 1
+        seeds = where.seeds()
+        assert len(seeds) == len(set(seeds)), f"round {round_index}: duplicate rows"
+        stored = set(seeds)
+        assert reported <= stored, f"round {round_index}: committed rows lost: {sorted(reported - stored)[:10]}"
+        assert len(stored - reported) <= kills, f"round {round_index}: more unreported rows than kills"

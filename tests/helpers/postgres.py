@@ -1,0 +1,75 @@
+"""A PostgreSQL server for the store tests: ``MOE_SAMPLER_TEST_DATABASE_URL``, or one started here.
+
+:func:`database_url` returns the URL of a server the tests may use, or raises :class:`Unavailable`
+with the reason (the caller skips with it). Without the variable, ``.ci/postgres.sh start``
+starts a throwaway cluster (non-root user, free local port, a temp folder) once per process,
+and stops it and deletes its files at exit. :func:`unique_schema` gives each test its own schema.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / ".ci" / "postgres.sh"
+VARIABLE = "MOE_SAMPLER_TEST_DATABASE_URL"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+class Unavailable(RuntimeError):
+    """No PostgreSQL server can be had here; the message says why."""
+
+
+def have_binaries() -> bool:
+    """Whether initdb and pg_ctl exist (on PATH or in Debian's /usr/lib/postgresql/*/bin)."""
+    return bool(shutil.which("pg_ctl") and shutil.which("initdb")) or bool(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+
+
+def database_url() -> str:
+    """The test server's URL (see the module docstring); raises :class:`Unavailable`."""
+    url = os.environ.get(VARIABLE, "").strip()
+    if url:
+        return url
+    with _lock:
+        if "url" in _state:
+            return str(_state["url"])
+        if "error" in _state:
+            raise Unavailable(str(_state["error"]))
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            _state["error"] = "psycopg is not installed (pip install 'moe-adaptive-sampler[postgres]')"
+            raise Unavailable(str(_state["error"])) from None
+        if not have_binaries():
+            _state["error"] = f"no PostgreSQL server: set {VARIABLE} or install PostgreSQL (initdb, pg_ctl)"
+            raise Unavailable(str(_state["error"]))
+        folder = tempfile.mkdtemp(prefix="moe_sampler_pg_test.")
+        env = {**os.environ, "MOE_SAMPLER_PG_DIR": folder}
+        done = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=180)
+        if done.returncode != 0 or "export " not in done.stdout:
+            _state["error"] = f".ci/postgres.sh start failed: {done.stderr.strip()[-1500:]}"
+            raise RuntimeError(_state["error"])  # binaries exist, so this is a failure, not a skip
+        _state["url"] = done.stdout.strip().split("=", 1)[1]
+        atexit.register(subprocess.run, ["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+        return str(_state["url"])
+
+
+def unique_schema() -> str:
+    """A fresh schema name, so that each test starts with an empty store in the shared database."""
+    return "t_" + uuid.uuid4().hex[:16]
+
+
+def drop_schema(url: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
