@@ -13,7 +13,6 @@ error. Nothing is cached or written.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
@@ -25,22 +24,12 @@ from typing import Any, Sequence
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 GUIDANCE = (1.0, 3.0, 7.5, 12.0)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import ensure_moe_sampler  # noqa: E402  (this checkout as ``moe_sampler``, as the tests load it)
 
-def _load_package() -> None:
-    """Import the pack as ``moe_sampler`` even when it is not pip-installed (as tests/conftest.py does)."""
-    if "moe_sampler" in sys.modules or importlib.util.find_spec("moe_sampler") is not None:
-        return
-    spec = importlib.util.spec_from_file_location("moe_sampler", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["moe_sampler"] = module
-    spec.loader.exec_module(module)
-
-
-_load_package()
+ensure_moe_sampler()
 
 from moe_sampler.experts import Expert, get_expert, registered_experts  # noqa: E402
 from moe_sampler.experts.analytic import AnalyticModel, quality_from_error, random_prompts  # noqa: E402

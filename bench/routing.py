@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
 import multiprocessing
 import random
@@ -29,12 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if importlib.util.find_spec("moe_sampler") is None:  # a plain clone, not pip-installed
-    _spec = importlib.util.spec_from_file_location("moe_sampler", ROOT / "__init__.py",
-                                                   submodule_search_locations=[str(ROOT)])
-    sys.modules["moe_sampler"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["moe_sampler"])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import ensure_moe_sampler  # noqa: E402  (this checkout as ``moe_sampler``, as the tests load it)
+
+ensure_moe_sampler()
 
 from moe_sampler.experts import default_pool, get_expert  # noqa: E402
 from moe_sampler.experts.base import Expert  # noqa: E402

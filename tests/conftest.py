@@ -1,34 +1,38 @@
-"""Make the repository importable as ``moe_sampler`` whether or not it is pip-installed.
+"""Load this checkout as ``moe_sampler``, keep the repository root off ``sys.path``, and decide skips.
 
-The pack's folder can have any name (ComfyUI's custom_nodes clone), so the tests load the
-root ``__init__.py`` under the package name ``moe_sampler`` themselves.
+The pack's folder can have any name (ComfyUI's custom_nodes clone), so the root ``__init__.py``
+is loaded by path under the package name (:func:`helpers.ensure_moe_sampler`). The root itself
+is never importable: run from it, ``python -m pytest`` would otherwise let the pack's ``nodes/``
+package shadow ComfyUI's ``nodes.py``.
+
+Skips: ``gpu`` tests without CUDA, ``comfyui`` tests without ``COMFYUI_PATH``. With
+``MOE_SAMPLER_NO_SKIP=1`` (the full suite inside ComfyUI, see the README) any other skip,
+whatever its cause (a missing browser, database, tool or package), fails the test instead.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+TESTS = str(Path(__file__).resolve().parent)
+if TESTS not in sys.path:  # pytest's default import mode put it there; others may not
+    sys.path.insert(0, TESTS)
+
+from helpers import ensure_moe_sampler  # noqa: E402
+
+ensure_moe_sampler()
+
+NO_SKIP_VARIABLE = "MOE_SAMPLER_NO_SKIP"
 
 
-def _ensure_package() -> None:
-    existing = sys.modules.get("moe_sampler")
-    if existing is not None:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "moe_sampler", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["moe_sampler"] = module
-    spec.loader.exec_module(module)
-
-
-_ensure_package()
+def no_skip() -> bool:
+    """True when every test but GPU tests must run (``MOE_SAMPLER_NO_SKIP=1``)."""
+    return os.environ.get(NO_SKIP_VARIABLE, "").strip().lower() in ("1", "true", "yes")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,3 +45,43 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "comfyui" in item.keywords and not os.environ.get("COMFYUI_PATH"):
             item.add_marker(skip_comfy)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    report.moe_gpu = "gpu" in item.keywords
+    if no_skip() and not report.moe_gpu:
+        report.outcome = "failed"
+        report.longrepr = (f"skipped while {NO_SKIP_VARIABLE}=1 (only GPU tests may skip): "
+                           f"{_skip_reason(report)}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and no_skip():
+        report.outcome = "failed"
+        report.longrepr = f"module skipped while {NO_SKIP_VARIABLE}=1: {_skip_reason(report)}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line per skip reason with its count, GPU and other skips apart."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    counts = Counter(("GPU" if getattr(r, "moe_gpu", False) else "other", _skip_reason(r)) for r in skipped)
+    terminalreporter.section("skips by reason")
+    for (kind, reason), count in sorted(counts.items()):
+        terminalreporter.write_line(f"{count:4d} {kind:5s} {reason}")

@@ -5,7 +5,9 @@ import math
 import numpy as np
 import pytest
 
-routing = pytest.importorskip("bench.routing")
+from helpers import import_bench
+
+routing = import_bench("routing")
 Table = routing.Table
 
 

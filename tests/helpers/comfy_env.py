@@ -10,6 +10,7 @@ loads the tiny SD1.5-family checkpoint of :mod:`tests.helpers.tiny_checkpoint`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,12 @@ def import_comfy(path: str | Path | None = None, cpu: bool = True):
     import comfy.model_management  # noqa: F401  (device chosen now, from args)
     import folder_paths
 
+    nodes = sys.modules.get("nodes")
+    spec = nodes.__spec__ if nodes is not None else importlib.util.find_spec("nodes")
+    origin = getattr(spec, "origin", None)
+    if origin is None or Path(origin).resolve() != root / "nodes.py":
+        raise RuntimeError(f"`import nodes` finds {origin}, not ComfyUI's {root / 'nodes.py'}: another folder "
+                           "is ahead of ComfyUI on sys.path (the tests never put the repository root there)")
     return folder_paths
 
 
