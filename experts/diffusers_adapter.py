@@ -30,18 +30,6 @@ logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-TINY_UNET_CONFIG: Mapping[str, Any] = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-}
-
 
 def alphas_cumprod_from(scheduler: Any) -> tuple[Tensor, str]:
     """``(alphas_cumprod [T], prediction_type)`` of a diffusers scheduler object or its config.
@@ -165,16 +153,3 @@ class DiffusersDenoiser:
         if self.prediction_type == "v_prediction":
             return x / (sigma**2 + 1) - out * sigma * (sigma**2 + 1).rsqrt()
         return out
-
-
-def tiny_unet(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> "UNet2DConditionModel":
-    """A random-weight ``UNet2DConditionModel`` (:data:`TINY_UNET_CONFIG`, ~0.8M parameters) in eval
-    mode, for tests and benchmarks; seeded without touching the global RNG, nothing downloaded."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, **overrides})
-    if dtype != unet.dtype:
-        unet = unet.to(dtype)
-    return unet.eval().requires_grad_(False)

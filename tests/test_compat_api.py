@@ -80,7 +80,7 @@ def test_public_names_resolve_lazily():
 def test_mixture_of_experts_on_a_diffusers_unet():
     from moe_sampler import MixtureOfExperts
     from moe_sampler.experts import get_expert
-    from moe_sampler.experts.diffusers_adapter import tiny_unet
+    from helpers.tiny_unet import tiny_unet
 
     scheduler = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                  "num_train_timesteps": 1000, "prediction_type": "epsilon"}
@@ -90,3 +90,84 @@ def test_mixture_of_experts_on_a_diffusers_unet():
     x, info = moe.sample(cond=cond, negative=uncond, cfg=5.0, seed=1, size=(16, 16))
     assert x.shape == (1, 4, 16, 16) and torch.isfinite(x).all()
     assert info["expert"] == "SpeedDemon" and info["nfe"] == 10
+
+
+# ------------------------------------------------------------------ any denoiser, latent shape from the model
+
+SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "num_train_timesteps": 1000, "prediction_type": "epsilon"}
+
+
+def test_the_latent_shape_comes_from_a_one_channel_unet():
+    """Issue 8: a 1-channel UNet used to get a 4-channel state and a failing ``sample(size=...)``."""
+    from helpers.tiny_unet import tiny_unet
+
+    from moe_sampler import AdvancedExpertSelector, MixtureOfExperts
+    from moe_sampler.experts import get_expert
+
+    unet = tiny_unet(seed=0, in_channels=1, out_channels=1, sample_size=8)
+    selector = AdvancedExpertSelector(unet, SD_SCHEDULER)
+    assert selector.latent_shape == (1, 8, 8)
+    cond = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0))
+    state = selector.get_state_representation(conditioning=cond, cfg=3.0)
+    assert state[50] == 1 / 16  # one channel, not four
+    moe = MixtureOfExperts(unet, SD_SCHEDULER, experts=[get_expert("SpeedDemon")])
+    x, info = moe.sample(cond=cond, negative=torch.zeros(1, 8, 32), cfg=3.0, seed=1, size=(16, 8))
+    assert x.shape == (1, 1, 16, 8) and torch.isfinite(x).all() and info["nfe"] == 10
+    x, _ = moe.sample(cond=cond, cfg=3.0, seed=1)
+    assert x.shape == (1, 1, 8, 8)
+
+
+def test_no_silent_default_latent_shape():
+    from moe_sampler import AdvancedExpertSelector, MixtureOfExperts
+
+    def denoiser(x, sigma, **_):
+        return x * 0.5
+
+    selector = AdvancedExpertSelector(diffusion_model=denoiser, scheduler={"prediction_type": "epsilon"})
+    assert selector.latent_shape is None
+    with pytest.raises(ValueError, match="latent shape of this function is unknown"):
+        selector.get_state_representation(conditioning=torch.randn(1, 77, 768))
+    with pytest.raises(ValueError, match="latent_shape="):
+        MixtureOfExperts(denoiser).sample(cond=torch.randn(1, 77, 768))
+    given = AdvancedExpertSelector(denoiser, latent_shape=(16, 32, 32))
+    assert given.get_state_representation(conditioning=torch.randn(1, 77, 768))[50] == 1.0
+
+
+def test_original_trainer_on_any_denoiser_in_a_few_lines():
+    """``MoERLTrainer(mdp, reward_func, selector)`` on a non-analytic denoiser: the selector builds
+    the environment from the prompts the model takes."""
+    from helpers.tiny_unet import tiny_unet
+
+    from moe_sampler import AdvancedExpertSelector, MoERLTrainer
+    from moe_sampler.experts import get_expert
+    from moe_sampler.router.environment import DenoiserEnvironment, DormandPrince
+
+    g = torch.Generator().manual_seed(2)
+    selector = AdvancedExpertSelector(tiny_unet(seed=0, in_channels=1, out_channels=1, sample_size=8), SD_SCHEDULER,
+                                      experts=[get_expert("SpeedDemon"), get_expert("BalancedMaster")])
+    with pytest.raises(ValueError, match="prompts: MoERLTrainer needs contexts"):
+        MoERLTrainer(None, None, selector)
+    mdp = selector.environment(prompts=[torch.randn(1, 8, 32, generator=g) for _ in range(2)],
+                               negative=torch.zeros(1, 8, 32), cfgs=(1.0, 3.0),
+                               reference=DormandPrince(rtol=1e-3))  # a loose reference keeps the test fast
+    assert isinstance(mdp, DenoiserEnvironment)
+    trainer = MoERLTrainer(mdp, None, selector, state_dim=64)
+    result = trainer.train_moe(num_episodes=2)
+    assert result.episodes == 2 and selector.router.training["contexts"] == 2
+    assert mdp.calls["reference"] > 0 and mdp.calls["experts"] > 0
+
+
+def test_the_core_trainer_has_one_signature():
+    from moe_sampler import MoERLTrainer
+    from moe_sampler.router.trainer import MoERLTrainer as Core
+
+    assert issubclass(MoERLTrainer, Core) and MoERLTrainer is not Core
+    with pytest.raises(TypeError, match="selector: expected an AdvancedExpertSelector"):
+        MoERLTrainer(None, None, object())
+    with pytest.raises(ValueError, match="state_dim must be 64"):
+        MoERLTrainer(None, None, moe_sampler.AdvancedExpertSelector(AnalyticModel(random_prompts(1, seed=1))),
+                     state_dim=32)
+    import moe_sampler.router.trainer as trainer_module
+
+    assert not hasattr(trainer_module, "AnalyticEnvironment")  # environments live in router.environment

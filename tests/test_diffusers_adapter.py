@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import BOOTSTRAP, ROOT
+from helpers.tiny_unet import tiny_unet
 from moe_sampler.experts import registered_experts
-from moe_sampler.experts.diffusers_adapter import DiffusersDenoiser, alphas_cumprod_from, tiny_unet
+from moe_sampler.experts.diffusers_adapter import DiffusersDenoiser, alphas_cumprod_from
 from moe_sampler.experts.dpm_solver import sample_dpmpp_2m
 from moe_sampler.experts.schedules import to_d
 
@@ -146,18 +147,12 @@ def test_invalid_configuration_is_named(unet) -> None:
 
 
 def test_experts_package_imports_without_diffusers() -> None:
-    # Load the checkout by path as conftest does: the pack folder need not be pip-installed.
-    root = Path(__file__).resolve().parent.parent
-    code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('moe_sampler', {str(root / '__init__.py')!r},"
-        f" submodule_search_locations=[{str(root)!r}])\n"
-        "module = importlib.util.module_from_spec(spec); sys.modules['moe_sampler'] = module\n"
-        "spec.loader.exec_module(module)\n"
+    # The checkout loaded as the tests load it (not pip-installed), in a fresh process.
+    code = BOOTSTRAP + (
         "import moe_sampler.experts, moe_sampler.experts.diffusers_adapter\n"
         "assert 'diffusers' not in sys.modules, 'diffusers imported eagerly'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=root.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT.parent)
 
 
 EXPERT_NAMES = [e.name for e in registered_experts(include_compat=False)]
