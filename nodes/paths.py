@@ -198,21 +198,51 @@ def stats_store_path() -> Path:
     return Path(folder_paths.get_system_user_directory(STORE_USER)) / STORE_FILENAME
 
 
+DATABASE_URL_VARIABLE = "MOE_SAMPLER_DATABASE_URL"
+DATABASE_SETTING = "database.json"
+
+
+def stats_store_target() -> str:
+    """Where the stats go: a PostgreSQL URL if one is configured, else :func:`stats_store_path`.
+
+    ``$MOE_SAMPLER_DATABASE_URL`` first, then ``{"url": "postgresql://..."}`` in
+    ``<ComfyUI user dir>/__moe_sampler/database.json``; neither set (the default): the SQLite file.
+    An unreadable setting file is logged and ignored (the SQLite file is used).
+    """
+    url = os.environ.get(DATABASE_URL_VARIABLE, "").strip()
+    if url:
+        return url
+    path = stats_store_path()
+    setting = path.with_name(DATABASE_SETTING)
+    if setting.is_file():
+        import json
+        import logging
+
+        try:
+            url = str(json.loads(setting.read_text(encoding="utf-8")).get("url") or "").strip()
+        except (OSError, ValueError, AttributeError) as exc:
+            logging.getLogger(__name__).warning("MoE stats: ignoring %s (%s); using %s", setting, exc, path.name)
+            url = ""
+        if url:
+            return url
+    return str(path)
+
+
 _stores: dict[str, Any] = {}
 _store_lock = threading.Lock()
 
 
 def stats_store():
-    """The process-wide :class:`~moe_sampler.stats.store.StatsStore` for :func:`stats_store_path`.
+    """The process-wide :class:`~moe_sampler.stats.store.StatsStore` for :func:`stats_store_target`.
 
-    One instance per path, shared by every node and route of this process (a test that moves
+    One instance per target, shared by every node and route of this process (a test that moves
     ComfyUI's user directory gets a store of its own).
     """
     from ..stats.store import StatsStore
 
-    path = str(stats_store_path())
+    target = stats_store_target()
     with _store_lock:
-        store = _stores.get(path)
+        store = _stores.get(target)
         if store is None:
-            store = _stores[path] = StatsStore(path)
+            store = _stores[target] = StatsStore(target)
         return store

@@ -50,6 +50,11 @@ NO_STOP_RULE_SLOT = 5  # 1 for stop_rule "none"
 STOP_LOG_NFE_SLOT = 14  # [stop rule] * log2(max_nfe) / 10
 # a (per decade of calls), b (bias), c (per order), d (stop rule), e (stochastic), s (stop cost discount)
 PRIOR_INIT = (2.4, -2.2, 0.1, 0.5, 3.0, 0.1)
+# Limits on router files, checked before anything is allocated (a router's header is a few KB,
+# about 300 bytes per expert descriptor; the default hidden width is 32).
+MAX_HEADER_BYTES = 1 << 20
+MAX_HIDDEN = 1024
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtype -> bytes per element
 
 
 class RouterLoadError(ValueError):
@@ -78,6 +83,14 @@ class ExpertScorer(nn.Module):
         mask[PRIORITY_SLOT] = 0.0
         mask[SOURCE_SLOTS] = 0.0
         self.register_buffer("state_mask", mask, persistent=False)
+
+    @staticmethod
+    def parameter_shapes(hidden: int) -> dict[str, tuple[int, ...]]:
+        """The state_dict's tensor shapes for a hidden width (without building the network)."""
+        return {"prior": (len(PRIOR_INIT),),
+                "net.0.weight": (hidden, STATE_DIM + DESCRIPTOR_DIM), "net.0.bias": (hidden,),
+                "net.2.weight": (hidden, hidden), "net.2.bias": (hidden,),
+                "net.4.weight": (2, hidden), "net.4.bias": (2,)}
 
     def forward(self, state: Tensor, descriptor: Tensor) -> tuple[Tensor, Tensor]:
         """state [B, 64], descriptor [B, 16] -> predicted quality [B], predicted cost [B]."""
@@ -160,59 +173,166 @@ class Router:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Router":
-        """Load a router saved by :meth:`save`; raises :class:`RouterLoadError` naming the file."""
+    def load(cls, path: str | os.PathLike, label: str | None = None) -> "Router":
+        """Load a router saved by :meth:`save`; raises :class:`RouterLoadError` naming the file.
+
+        ``label`` is how errors name the file (default: the path; the nodes pass the file name,
+        so no absolute path reaches a browser). Every metadata number is checked against sane
+        bounds and the stored tensor shapes before anything is allocated, at most
+        :data:`MAX_HEADER_BYTES` of header are read, and weights with NaN/Inf are refused.
+        """
         path = Path(path)
-        tensors, metadata = read_safetensors(path, what="router")
+        label = label or str(path)
+        header = read_header(path, what="router", label=label)
+        metadata = header.metadata
         if metadata.get("format") != FORMAT:
-            raise RouterLoadError(f"{path} is a safetensors file but not a MoE router (no router metadata)")
-        version = int(metadata.get("feature_version", -1))
+            raise RouterLoadError(f"{label} is a safetensors file but not a MoE router (no router metadata)")
+        name = metadata.get("name", path.stem)
+        version = _metadata_int(metadata, "feature_version", label)
         if version != FEATURE_VERSION:
             raise RouterLoadError(
-                f"router {metadata.get('name', path.stem)!r} ({path}) was trained for feature version "
+                f"router {name!r} ({label}) was trained for feature version "
                 f"{version}; this pack uses {FEATURE_VERSION}; retrain it"
             )
-        scorer = ExpertScorer(hidden=int(metadata.get("hidden", 32)))
+        for key, expected in (("state_dim", STATE_DIM), ("descriptor_dim", DESCRIPTOR_DIM)):
+            if key in metadata and _metadata_int(metadata, key, label) != expected:
+                raise RouterLoadError(f"{label}: metadata {key} is {metadata[key]!r}; this pack's router uses "
+                                      f"{expected}; retrain it")
+        hidden = _metadata_int(metadata, "hidden", label, default=32)
+        if not 1 <= hidden <= MAX_HIDDEN:
+            raise RouterLoadError(f"{label}: metadata hidden is {hidden}; a router's hidden width must be "
+                                  f"from 1 to {MAX_HIDDEN}")
+        _check_tensor_entries(header, ExpertScorer.parameter_shapes(hidden), label)
+        tensors = _load_tensors(path, what="router", label=label)
+        bad = [key for key, value in tensors.items() if not torch.isfinite(value).all()]
+        if bad:
+            raise RouterLoadError(f"{label}: the router's weights contain NaN or Inf ({', '.join(sorted(bad))}); "
+                                  f"it cannot score experts; retrain it")
+        scorer = ExpertScorer(hidden=hidden)
         try:
             scorer.load_state_dict(tensors)
         except RuntimeError as exc:
-            raise RouterLoadError(f"{path}: weights do not fit this pack's router network: {exc}") from None
+            raise RouterLoadError(f"{label}: weights do not fit this pack's router network: {exc}") from None
         try:
             descriptors = [ExpertDescriptor(**d) for d in json.loads(metadata.get("experts", "[]"))]
             training = json.loads(metadata.get("training", "{}"))
         except (TypeError, ValueError) as exc:
-            raise RouterLoadError(f"{path}: unreadable router metadata: {exc}") from None
-        return cls(scorer, name=metadata.get("name", path.stem), training=training,
-                   descriptors=descriptors, created=metadata.get("created"))
+            raise RouterLoadError(f"{label}: unreadable router metadata: {exc}") from None
+        return cls(scorer, name=name, training=training, descriptors=descriptors, created=metadata.get("created"))
 
 
-def read_safetensors(path: Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+@dataclasses.dataclass(frozen=True)
+class SafetensorsHeader:
+    """A safetensors file's JSON header: tensor entries (dtype, shape, data_offsets), metadata, sizes."""
+
+    tensors: dict[str, dict]
+    metadata: dict[str, str]
+    header_bytes: int
+    data_bytes: int
+
+
+def read_header(path: Path, what: str = "router", label: str | None = None,
+                max_header_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHeader:
+    """The header of a safetensors file, reading at most ``max_header_bytes`` of it.
+
+    Raises :class:`RouterLoadError` naming ``label`` (default: the path) for a missing file, a
+    pickle (recognised, never unpickled), an oversized, truncated or malformed header. Only
+    the header is read: nothing is allocated for the tensors.
+    """
+    label = label or str(path)
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise FileNotFoundError
+        with open(path, "rb") as f:
+            head = f.read(9)
+            # safetensors: u64 little-endian header length, then the JSON header
+            length = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+            header_ok = len(head) == 9 and head[8:9] == b"{" and 0 < length <= size - 8
+            pickle_protocol = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+            if (head.startswith(b"PK\x03\x04") or pickle_protocol) and not header_ok:  # zip: torch.save's format
+                raise RouterLoadError(
+                    f"{label} looks like a pickle/torch.save file; {what}s are only read from .safetensors "
+                    f"(pickles can run code and are never loaded)"
+                )
+            if header_ok and length > max_header_bytes:
+                raise RouterLoadError(
+                    f"{label}: its safetensors header is {length} bytes; a {what}'s header is at most "
+                    f"{max_header_bytes} bytes, so it was not read"
+                )
+            raw = f.read(length - 1) if header_ok else b""
+    except (FileNotFoundError, NotADirectoryError):
+        raise RouterLoadError(f"{what} file {label} does not exist") from None
+    except OSError as exc:
+        raise RouterLoadError(f"{what} file {label} cannot be read: {exc.strerror or type(exc).__name__}") from None
+    invalid = f"{label} is not a valid safetensors {what} file (corrupt or truncated?)"
+    if not header_ok or len(raw) != length - 1:
+        raise RouterLoadError(invalid)
+    try:
+        entries = json.loads(b"{" + raw)
+    except (UnicodeDecodeError, ValueError):
+        raise RouterLoadError(f"{invalid}: its header is not JSON") from None
+    if not isinstance(entries, dict):
+        raise RouterLoadError(f"{invalid}: its header is not a JSON object")
+    metadata = entries.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise RouterLoadError(f"{invalid}: its metadata is not a map of strings")
+    for key, entry in entries.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                and isinstance(entry.get("shape"), list) and isinstance(entry.get("data_offsets"), list)):
+            raise RouterLoadError(f"{invalid}: tensor {key!r} has a malformed entry")
+    return SafetensorsHeader(entries, metadata, length, size - 8 - length)
+
+
+def _metadata_int(metadata: dict[str, str], key: str, label: str, default: int | None = None) -> int:
+    value = metadata.get(key)
+    if value is None and default is not None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise RouterLoadError(f"{label}: metadata {key} is {value!r}, not a whole number; the file is not a "
+                              f"router this pack wrote (retrain it)") from None
+
+
+def _check_tensor_entries(header: SafetensorsHeader, shapes: dict[str, tuple[int, ...]], label: str) -> None:
+    """Names, dtypes, shapes and byte ranges of the stored tensors against ``shapes``."""
+    fit = f"{label}: weights do not fit this pack's router network"
+    if set(header.tensors) != set(shapes):
+        missing, unexpected = sorted(set(shapes) - set(header.tensors)), sorted(set(header.tensors) - set(shapes))
+        raise RouterLoadError(f"{fit}: missing {missing}, unexpected {unexpected[:8]}")
+    for key, shape in shapes.items():
+        entry = header.tensors[key]
+        itemsize = FLOAT_DTYPES.get(entry["dtype"])
+        if itemsize is None:
+            raise RouterLoadError(f"{fit}: {key} has dtype {entry['dtype']}; expected one of {', '.join(FLOAT_DTYPES)}")
+        if tuple(entry["shape"]) != shape:
+            raise RouterLoadError(f"{fit}: {key} has shape {entry['shape']}, the metadata's hidden width needs "
+                                  f"{list(shape)}")
+        offsets = entry["data_offsets"]
+        if not (len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= header.data_bytes
+                and offsets[1] - offsets[0] == math.prod(shape) * itemsize):
+            raise RouterLoadError(f"{label} is not a valid safetensors router file (corrupt or truncated?): "
+                                  f"{key}'s byte range does not match its shape")
+
+
+def _load_tensors(path: Path, what: str, label: str) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = (exc.strerror or type(exc).__name__) if isinstance(exc, OSError) else exc  # no path in the text
+        raise RouterLoadError(f"{label} is not a valid safetensors {what} file (corrupt or truncated?): {reason}") from None
+
+
+def read_safetensors(path: Path, what: str, label: str | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, with :class:`RouterLoadError` for bad files.
 
-    Pickles (``torch.save`` files) are recognised and refused, never unpickled.
+    The header is read first (:func:`read_header`: bounded, pickles refused, never unpickled).
     """
-    if not path.is_file():
-        raise RouterLoadError(f"{what} file {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    # safetensors: u64 little-endian header length, then the JSON header
-    header_ok = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size
-    pickle_protocol = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-    pickled = head.startswith(b"PK\x03\x04") or pickle_protocol  # zip: torch.save's format
-    if pickled and not header_ok:
-        raise RouterLoadError(
-            f"{path} looks like a pickle/torch.save file; {what}s are only read from .safetensors "
-            f"(pickles can run code and are never loaded)"
-        )
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise RouterLoadError(f"{path} is not a valid safetensors {what} file (corrupt or truncated?): {exc}") from None
-    return tensors, metadata
+    label = label or str(path)
+    header = read_header(path, what=what, label=label)
+    return _load_tensors(path, what, label), header.metadata
 
 
 def _check_state(state: Tensor) -> Tensor:

@@ -504,6 +504,10 @@ class StatsStore:
                     with self._write_lock:
                         self._recover(exc)
                     continue
+                if kind == GONE and not recovered:  # a pooled connection the server ended: once more, fresh
+                    recovered = True
+                    self._close_readers()
+                    continue
                 raise StatsStoreError(self._describe(exc, kind)) from exc
 
     def _take_reader(self) -> tuple[Any, int]:

@@ -574,3 +574,83 @@ def test_default_store_path(monkeypatch, tmp_path):
 def test_state_size_matches_the_features():
     features = pytest.importorskip("moe_sampler.router.features", reason="router/features.py not written yet")
     assert records_module.STATE_DIM == features.STATE_DIM
+
+
+def test_the_pack_runs_without_psycopg(tmp_path):
+    """psycopg is optional: without it the pack imports, SQLite works, a database URL says what to install."""
+    script = BOOTSTRAP + f"""
+import sys
+sys.modules["psycopg"] = None  # import psycopg now raises ImportError
+import moe_sampler
+from moe_sampler.stats.store import RunRecord, StatsStore
+from moe_sampler.stats import report
+run = RunRecord(expert="A", router="r", nfe=1, steps=1, seconds=0.1, success=True)
+with StatsStore({str(tmp_path / "stats.sqlite3")!r}) as store:
+    assert store.record(run) and len(store.runs()) == 1
+remote = StatsStore("postgresql://user:secret@127.0.0.1:1/farm", timeout=0.2)
+assert remote.record(run) is False
+payload = report.stats_payload(remote)
+remote.close(timeout=2)
+print(payload["healthy"], payload["problem"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False ") and "pip install 'moe-adaptive-sampler[postgres]'" in done.stdout
+    assert "secret" not in done.stdout + done.stderr
+
+
+def test_database_url_comes_from_the_environment_or_the_user_setting(tmp_path, monkeypatch):
+    from helpers import import_node_module
+
+    paths = import_node_module("paths")
+    monkeypatch.setattr(paths, "stats_store_path", lambda: tmp_path / "__moe_sampler" / "stats.sqlite3")
+    monkeypatch.delenv(paths.DATABASE_URL_VARIABLE, raising=False)
+    assert paths.stats_store_target() == str(tmp_path / "__moe_sampler" / "stats.sqlite3")  # the default
+    (tmp_path / "__moe_sampler").mkdir()
+    setting = tmp_path / "__moe_sampler" / "database.json"
+    setting.write_text(json.dumps({"url": "postgresql://farm@db.example:5432/moe"}))
+    assert paths.stats_store_target() == "postgresql://farm@db.example:5432/moe"
+    monkeypatch.setenv(paths.DATABASE_URL_VARIABLE, "postgresql://env@localhost/other")
+    assert paths.stats_store_target() == "postgresql://env@localhost/other"
+    monkeypatch.delenv(paths.DATABASE_URL_VARIABLE)
+    setting.write_text("{not json")
+    assert paths.stats_store_target().endswith("stats.sqlite3")
+
+
+def test_postgres_unreachable_keeps_runs_and_says_so_quickly():
+    pytest.importorskip("psycopg", reason="psycopg is not installed")
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = StatsStore(f"postgresql://moe:hunter2@127.0.0.1:{port}/farm", timeout=0.3)
+    try:
+        assert store.record(make_run()) is False and store.waiting == 1
+        start = time.monotonic()
+        payload = report.stats_payload(store)
+        assert time.monotonic() - start < 1.0
+        assert payload["healthy"] is False and "cannot reach PostgreSQL database 'farm'" in payload["problem"]
+        assert "hunter2" not in json.dumps(payload)
+    finally:
+        store.close(timeout=5)
+    assert store.dropped == 1
+
+
+@pytest.fixture
+def postgres_target():
+    url = postgres_url()
+    schema = pg_helper.unique_schema()
+    yield Target("postgresql", url, schema)
+    pg_helper.drop_schema(url, schema)
+
+
+def test_postgres_connection_dropped_by_the_server_is_reopened(postgres_target):
+    target = postgres_target
+    with target.open() as store:
+        assert store.record(make_run(seed=1)) and store.runs()
+        target.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert store.record(make_run(seed=2))
+        assert store.flush(timeout=10)
+        assert [r.seed for r in store.runs()] == [1, 2] and store.healthy and store.dropped == 0
