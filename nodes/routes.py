@@ -23,7 +23,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ..stats import report
@@ -34,17 +36,23 @@ PREFIX = "/moe_sampler"
 _registered = False
 
 
-def _router_metadata(path: str) -> dict[str, Any]:
-    """Header metadata of a router file without loading its weights (safetensors header only)."""
-    from safetensors import safe_open
-
+def _router_metadata(path: str | os.PathLike, name: str) -> dict[str, Any]:
+    """Header metadata of a router file without loading its weights (at most
+    :data:`~moe_sampler.router.model.MAX_HEADER_BYTES` of header are read); errors name the file
+    by ``name``, never by its path."""
     from ..router.features import FEATURE_VERSION
+    from ..router.model import FORMAT, RouterLoadError, read_header
 
-    with safe_open(path, framework="pt") as handle:
-        meta = dict(handle.metadata() or {})
-    if meta.get("format") != "moe_sampler.router":
+    try:
+        meta = read_header(Path(path), what="router", label=name).metadata
+    except RouterLoadError as exc:
+        return {"error": str(exc)}
+    if meta.get("format") != FORMAT:
         return {"error": "not a MoE router file (no router metadata)"}
-    version = int(meta.get("feature_version", -1))
+    try:
+        version = int(meta.get("feature_version", -1))
+    except ValueError:
+        return {"error": f"metadata feature_version is {meta.get('feature_version')!r}, not a whole number"}
     try:
         training = json.loads(meta.get("training", "{}"))
         experts = [entry.get("name") for entry in json.loads(meta.get("experts", "[]"))]
@@ -57,27 +65,51 @@ def _router_metadata(path: str) -> dict[str, Any]:
     return info
 
 
+# The listing's header metadata per file, kept while the file's size and mtime are unchanged.
+_listing: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
+_listing_lock = threading.Lock()
+
+
+def _public_error(exc: Exception, path: Any, name: str) -> str:
+    """An exception's text with the file's path replaced by its name (responses carry no paths)."""
+    text = str(exc.strerror or exc) if isinstance(exc, OSError) else str(exc)
+    return f"{type(exc).__name__}: {text.replace(str(path), name) if path else text}"
+
+
 def routers_payload() -> list[dict[str, Any]]:
     """Every saved router file: ``name``, ``size_bytes``, ``modified`` and its header metadata.
 
-    A file that cannot be read is listed with an ``error`` field rather than left out.
+    A file that cannot be read is listed with an ``error`` field rather than left out. Headers
+    are read once per file version (cached by size and mtime) and at most
+    :data:`~moe_sampler.router.model.MAX_HEADER_BYTES` each; concurrent requests wait for one
+    listing and share its cache instead of all reading the files.
     """
     from . import paths
 
     routers = []
-    for name in paths.router_names():
-        if name == paths.BUILTIN_ROUTER:
-            continue
-        entry: dict[str, Any] = {"name": name}
-        try:
-            path = str(paths.resolve_router(name))
-            status = os.stat(path)
-            entry.update(size_bytes=status.st_size,
-                         modified=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(status.st_mtime)))
-            entry.update(_router_metadata(path))
-        except Exception as exc:  # one bad file must not hide the others
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-        routers.append(entry)
+    with _listing_lock:
+        seen = set()
+        for name in paths.router_names():
+            if name == paths.BUILTIN_ROUTER:
+                continue
+            entry: dict[str, Any] = {"name": name}
+            path = None
+            try:
+                path = paths.resolve_router(name)
+                status = os.stat(path)
+                key = (status.st_size, status.st_mtime_ns)
+                seen.add(str(path))
+                cached = _listing.get(str(path))
+                if cached is None or cached[0] != key:
+                    cached = _listing[str(path)] = (key, _router_metadata(path, name))
+                entry.update(size_bytes=status.st_size,
+                             modified=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(status.st_mtime)))
+                entry.update(cached[1])
+            except Exception as exc:  # one bad file must not hide the others
+                entry["error"] = _public_error(exc, path, name)
+            routers.append(entry)
+        for gone in set(_listing) - seen:
+            del _listing[gone]
     return routers
 
 
@@ -119,8 +151,8 @@ def register() -> bool:
         try:
             return web.json_response(await asyncio.to_thread(builder, *args))
         except Exception as exc:  # a route must answer, never crash the request with a traceback page
-            logger.exception("MoE route %s failed", builder.__name__)
-            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
+            logger.exception("MoE route %s failed", builder.__name__)  # the details (and paths) stay in the log
+            return web.json_response({"error": f"{type(exc).__name__}; see the server log"}, status=500)
 
     @routes.get(f"{PREFIX}/stats")
     async def get_stats(request: web.Request) -> web.Response:
