@@ -34,10 +34,18 @@ from typing import Any, Callable, Sequence
 logger = logging.getLogger(__name__)
 
 REFERENCE_STEPS = 100
+# Limits of the trainer's inputs (docs/NODES.md, "Limits"). CLIP reads 77 tokens per chunk
+# (about 300 characters); a prompt of 2,000 characters is already 6-7 chunks.
 MAX_PROMPTS = 1000
-MAX_RESOLUTION = 16384
+MAX_PROMPT_CHARS = 2000  # per prompt, and for negative_prompt
+MAX_PROMPTS_TEXT_CHARS = 100_000  # the whole prompts input
+MAX_LIST_TEXT_CHARS = 10_000  # sizes and cfg_values
+# Training runs a 100-step reference and every expert per context: sizes are capped far below
+# what sampling alone allows (16384), and checked against the device's memory at the start.
+MAX_TRAINING_SIDE = 2048
+MAX_TRAINING_PIXELS = 1536 * 1536
 MAX_CFG = 100.0
-_SIZE = re.compile(r"^(\d+)\s*[x×X*]\s*(\d+)$")
+_SIZE = re.compile(r"^(\d{1,6})\s*[x×X*]\s*(\d{1,6})$")
 _SEPARATORS = re.compile(r"[,;\n]+")
 
 
@@ -49,20 +57,47 @@ class TrainingInputError(ValueError):
 
 
 def parse_prompts(text: Any, input_name: str = "prompts") -> list[str]:
-    """One prompt per non-empty line, surrounding spaces removed, duplicates dropped (first kept)."""
+    """One prompt per non-empty line, surrounding spaces removed, duplicates dropped (first kept).
+
+    At most :data:`MAX_PROMPTS` prompts of :data:`MAX_PROMPT_CHARS` characters each, and
+    :data:`MAX_PROMPTS_TEXT_CHARS` characters in all (checked before the text is split).
+    """
     if not isinstance(text, str):
         raise TrainingInputError(f"{input_name}: expected text with one prompt per line, got {type(text).__name__}")
+    if len(text) > MAX_PROMPTS_TEXT_CHARS:
+        raise TrainingInputError(f"{input_name}: {len(text)} characters; at most {MAX_PROMPTS_TEXT_CHARS} in all "
+                                 f"({MAX_PROMPTS} prompts of up to {MAX_PROMPT_CHARS} characters)")
     prompts = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
     if not prompts:
         raise TrainingInputError(f"{input_name}: enter at least one prompt, one per line")
     if len(prompts) > MAX_PROMPTS:
         raise TrainingInputError(f"{input_name}: {len(prompts)} prompts; at most {MAX_PROMPTS} per training run")
+    for number, prompt in enumerate(prompts, 1):
+        _check_prompt_length(prompt, f"{input_name}: prompt {number}")
     return prompts
+
+
+def parse_negative_prompt(text: Any, input_name: str = "negative_prompt") -> str:
+    """The negative prompt as given (may be empty), at most :data:`MAX_PROMPT_CHARS` characters."""
+    if not isinstance(text, str):
+        raise TrainingInputError(f"{input_name}: expected text, got {type(text).__name__}")
+    _check_prompt_length(text, f"{input_name}: the negative prompt")
+    return text
+
+
+def _check_prompt_length(prompt: str, what: str) -> None:
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise TrainingInputError(
+            f"{what} has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} per prompt (CLIP reads "
+            f"77 tokens, about 300 characters, per chunk; longer prompts only cost encoding time)"
+        )
 
 
 def _items(text: Any, input_name: str, example: str) -> list[str]:
     if not isinstance(text, str):
         raise TrainingInputError(f"{input_name}: expected a comma-separated list like {example!r}, got {type(text).__name__}")
+    if len(text) > MAX_LIST_TEXT_CHARS:
+        raise TrainingInputError(f"{input_name}: {len(text)} characters; at most {MAX_LIST_TEXT_CHARS}")
     items = [item.strip() for item in _SEPARATORS.split(text) if item.strip()]
     if not items:
         raise TrainingInputError(f"{input_name}: enter at least one value, comma-separated, e.g. {example!r}")
@@ -72,8 +107,10 @@ def _items(text: Any, input_name: str, example: str) -> list[str]:
 def parse_sizes(text: Any, input_name: str = "sizes") -> list[tuple[int, int]]:
     """``"512x512, 512x768"`` -> ``[(512, 512), (512, 768)]`` as (width, height).
 
-    Each size is WIDTHxHEIGHT in pixels, both multiples of 8 (the latent is 8x smaller) between
-    16 and 16384, separated by commas, semicolons or new lines; duplicates are dropped.
+    Each size is WIDTHxHEIGHT in pixels, both multiples of 8 (the latent is 8x smaller) from 16
+    to :data:`MAX_TRAINING_SIDE` (2048), at most :data:`MAX_TRAINING_PIXELS` (1536 x 1536) pixels,
+    separated by commas, semicolons or new lines; duplicates are dropped. Whether the model fits
+    in memory at these sizes is checked when training starts (:func:`check_sizes_fit`).
     """
     sizes = []
     for item in _items(text, input_name, "512x512, 512x768"):
@@ -82,10 +119,17 @@ def parse_sizes(text: Any, input_name: str = "sizes") -> list[tuple[int, int]]:
             raise TrainingInputError(f"{input_name}: {item!r} is not WIDTHxHEIGHT (e.g. '512x768')")
         width, height = int(match.group(1)), int(match.group(2))
         for value, what in ((width, "width"), (height, "height")):
-            if not (16 <= value <= MAX_RESOLUTION) or value % 8:
+            if not (16 <= value <= MAX_TRAINING_SIDE) or value % 8:
                 raise TrainingInputError(
-                    f"{input_name}: {item!r} has {what} {value}; use multiples of 8 from 16 to {MAX_RESOLUTION}"
+                    f"{input_name}: {item!r} has {what} {value}; use multiples of 8 from 16 to {MAX_TRAINING_SIDE} "
+                    f"for training"
                 )
+        if width * height > MAX_TRAINING_PIXELS:
+            raise TrainingInputError(
+                f"{input_name}: {item!r} has {width * height} pixels; training sizes have at most "
+                f"{MAX_TRAINING_PIXELS} (1536x1536): each training context runs a {REFERENCE_STEPS}-step "
+                f"reference and every expert"
+            )
         sizes.append((width, height))
     return list(dict.fromkeys(sizes))
 
@@ -102,6 +146,31 @@ def parse_cfgs(text: Any, input_name: str = "cfg_values") -> list[float]:
             raise TrainingInputError(f"{input_name}: {item!r} is out of range; cfg values must be in (0, {MAX_CFG:g}]")
         values.append(value)
     return list(dict.fromkeys(values))
+
+
+def check_sizes_fit(model: Any, sizes: Sequence[tuple[int, int]], input_name: str = "sizes") -> None:
+    """Refuse training sizes whose sampling would not fit in the model's device memory.
+
+    The need is ComfyUI's own estimate for the model (``memory_required`` of a batch-1 latent,
+    the least sampling can do); what there is: the free RAM on a CPU (where running out kills
+    the server), the device's total memory on a GPU (ComfyUI unloads and offloads to make room).
+    """
+    import comfy.model_management as mm
+
+    base = getattr(model, "model", None)
+    if not callable(getattr(base, "memory_required", None)):
+        return  # not a ComfyUI model with an estimate: the static caps of parse_sizes apply
+    device = getattr(model, "load_device", None) or mm.get_torch_device()
+    on_cpu = getattr(device, "type", str(device)) == "cpu"
+    available = mm.get_free_memory(device) if on_cpu else mm.get_total_memory(device)
+    for width, height in sizes:
+        needed = base.memory_required([1, 4, height // 8, width // 8])
+        if needed > available:
+            where = "free RAM" if on_cpu else "memory on " + str(device)
+            raise TrainingInputError(
+                f"{input_name}: {width}x{height} needs about {needed / 2**30:.1f} GB to sample with this model "
+                f"(ComfyUI's estimate) and there is {available / 2**30:.1f} GB of {where}; train at smaller sizes"
+            )
 
 
 MODES = {"full sweep": "sweep", "bandit": "bandit"}
@@ -134,9 +203,7 @@ class TrainingPlan:
                 raise TrainingInputError(f"{name}: must be a whole number >= 1, got {value!r}")
         if isinstance(priority, bool) or not isinstance(priority, (int, float)) or not (0.0 <= priority <= 1.0):
             raise TrainingInputError(f"priority: must be a number in [0, 1] (0 = speed, 1 = quality), got {priority!r}")
-        if not isinstance(negative_prompt, str):
-            raise TrainingInputError(f"negative_prompt: expected text, got {type(negative_prompt).__name__}")
-        return cls(tuple(parse_prompts(prompts)), negative_prompt, tuple(parse_sizes(sizes)),
+        return cls(tuple(parse_prompts(prompts)), parse_negative_prompt(negative_prompt), tuple(parse_sizes(sizes)),
                    tuple(parse_cfgs(cfg_values)), float(priority), episodes, seeds_per_prompt, MODES[mode],
                    check_save_name(router_name, "router_name"), bool(resume))
 

@@ -21,7 +21,9 @@ from .comfy_environment import (
     REFERENCE_STEPS,
     ComfyEnvironment,
     ExpertRunReport,
+    TrainingInputError,
     TrainingPlan,
+    check_sizes_fit,
     moving_average,
     parse_cfgs,
     parse_prompts,
@@ -39,10 +41,11 @@ TOOLTIPS = {
     "model": "The diffusion model to train the router for (the same MODEL you sample with; LoRAs and patches "
              "applied upstream are part of what it learns).",
     "clip": "Text encoder used to encode the prompts, as CLIP Text Encode does.",
-    "prompts": "Training prompts, one per line: the kind of prompts you generate. Blank lines are ignored.",
-    "negative_prompt": "Negative prompt used for every training generation.",
-    "sizes": "Image sizes to train on, WIDTHxHEIGHT in pixels (multiples of 8), comma-separated, e.g. "
-             "'512x512, 512x768'.",
+    "prompts": "Training prompts, one per line: the kind of prompts you generate. Blank lines are ignored. At most "
+               "1000 prompts of up to 2000 characters, 100,000 characters in all.",
+    "negative_prompt": "Negative prompt used for every training generation (at most 2000 characters).",
+    "sizes": "Image sizes to train on, WIDTHxHEIGHT in pixels (multiples of 8, at most 2048 per side and 1536x1536 "
+             "pixels in all), comma-separated, e.g. '512x512, 512x768'.",
     "cfg_values": "Guidance scales to train on, comma-separated, e.g. '4, 7.5' (high cfg makes sampling stiffer).",
     "priority": "Priority (0 = speed, 1 = quality) at which the report shows the trained router's picks. "
                 "Training itself covers all priorities, so the sampler's priority needs no retraining.",
@@ -139,6 +142,7 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
     from ..router.trainer import MoERLTrainer
 
     pool = comfy_experts.check_pool(default_pool() if expert_pool is None else expert_pool)
+    check_sizes_fit(model, plan.sizes)
     save_path = paths.router_save_path(plan.router_name, "router_name")
     checkpoint = checkpoint_path(save_path.name)
     if not plan.resume and checkpoint.exists():
@@ -160,6 +164,12 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
         # A checkpoint of another pool or mode, or of an older feature version.
         raise ValueError(f"resume: {exc}; turn resume off to start a new training run") from None
     resumed_from = trainer.episode
+    if resumed_from > plan.episodes:
+        raise TrainingInputError(
+            f"episodes: the training run of {save_path.name} is already at episode {resumed_from}, past the "
+            f"{plan.episodes} asked; set episodes above {resumed_from} to train further, or turn resume off to "
+            f"start over"
+        )
     progress = comfy.utils.ProgressBar(plan.episodes, node_id=node_id)
     progress.update_absolute(min(resumed_from, plan.episodes), plan.episodes)
     result = trainer.train(plan.episodes, progress=lambda done, total, info: progress.update_absolute(done, total),
@@ -172,6 +182,9 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
         raise comfy.model_management.InterruptProcessingException()
     trainer.router.save(save_path)
     report = training_report(plan, save_path.name, trainer, environment, result, resumed_from, reference_steps)
+    if resumed_from == plan.episodes:
+        report = (f"Nothing left to train: the run of {save_path.name} had already done {plan.episodes} episodes "
+                  f"(raise episodes to train further); the router was saved again with the same weights.\n{report}")
     return TrainingOutcome(save_path.name, save_path, training_curve(result, save_path.name), report,
                            result.episodes, resumed_from, recorded[0])
 

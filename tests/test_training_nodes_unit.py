@@ -50,7 +50,8 @@ def test_prompts_are_one_per_line(text, expected):
     ("512x512, 512x768", [(512, 512), (512, 768)]),
     ("512x512;768X512\n1024×1024", [(512, 512), (768, 512), (1024, 1024)]),
     (" 64 x 64 ,64x64", [(64, 64)]),
-    ("16x8192", [(16, 8192)]),
+    ("16x2048", [(16, 2048)]),
+    ("2048x1152", [(2048, 1152)]),
 ])
 def test_sizes_parse_as_width_by_height(text, expected):
     assert environment_module.parse_sizes(text) == expected
@@ -77,7 +78,7 @@ def test_cfg_values_parse_as_numbers(text, expected):
     ("parse_sizes", "-512x512", "sizes", "WIDTHxHEIGHT"),
     ("parse_sizes", "500x512", "sizes", "multiples of 8"),
     ("parse_sizes", "8x512", "sizes", "from 16"),
-    ("parse_sizes", "512x20000", "sizes", "16384"),
+    ("parse_sizes", "512x20000", "sizes", "from 16 to 2048"),
     ("parse_sizes", 512, "sizes", "comma-separated"),
     ("parse_cfgs", "", "cfg_values", "at least one value"),
     ("parse_cfgs", "7, lots", "cfg_values", "'lots' is not a number"),
