@@ -108,18 +108,48 @@ class NonFiniteOutputError(RuntimeError):
         self.attempts = tuple(attempts)
 
 
-def check_latent(latent: Any, input_name: str = "latent_image") -> Tensor:
-    """The latent's samples tensor; ValueError naming ``input_name`` for a bad or non-finite one."""
+def check_latent(latent: Any, input_name: str = "latent_image", model: Any = None) -> Tensor:
+    """The latent's samples tensor; ValueError naming ``input_name`` for a bad, empty or non-finite
+    one, or (given ``model``, a ComfyUI MODEL) one with dimensions the model cannot sample."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), Tensor):
         raise ValueError(f"{input_name}: expected a LATENT (a dict with a 'samples' tensor)")
     samples = latent["samples"]
-    if not getattr(samples, "is_nested", False) and not torch.isfinite(samples).all():
+    if getattr(samples, "is_nested", False):
+        return samples
+    shape = tuple(samples.shape)
+    if samples.dim() < 3 or 0 in shape:
+        raise ValueError(f"{input_name}: the latent has shape {list(shape)}; expected [batch, channels, height, "
+                         f"width] with no empty dimension (e.g. from Empty Latent Image or VAE Encode)")
+    dims = getattr(getattr(getattr(model, "model", None), "latent_format", None), "latent_dimensions", None)
+    if isinstance(dims, int):
+        allowed = {dims + 2, 4} if dims == 3 else {dims + 2}  # core unsqueezes image latents for video models
+        if samples.dim() not in allowed:
+            layout = {1: "[batch, channels, length]", 2: "[batch, channels, height, width]",
+                      3: "[batch, channels, frames, height, width]"}.get(dims, f"{dims + 2} dimensions")
+            raise ValueError(f"{input_name}: a {samples.dim()}-D latent of shape {list(shape)}, but this model "
+                             f"samples {layout}; use a latent made for this model")
+    if not torch.isfinite(samples).all():
         bad = int((~torch.isfinite(samples)).sum())
         raise ValueError(
             f"{input_name}: the latent contains {bad} NaN/Inf values; check the node that produced it "
             f"(e.g. a VAE Encode in fp16 or an upstream sampler)"
         )
     return samples
+
+
+def check_conditioning(conditioning: Any, input_name: str) -> Any:
+    """ValueError naming ``input_name`` for a CONDITIONING that is malformed or holds NaN/Inf
+    (in its embeddings or ``pooled_output``), which would otherwise surface as a failing expert."""
+    if not isinstance(conditioning, (list, tuple)) or not all(
+            isinstance(entry, (list, tuple)) and len(entry) >= 2 and isinstance(entry[0], Tensor)
+            and isinstance(entry[1], dict) for entry in conditioning):
+        raise ValueError(f"{input_name}: expected a CONDITIONING (e.g. from CLIP Text Encode)")
+    for entry in conditioning:
+        for what, tensor in (("embeddings", entry[0]), ("pooled_output", entry[1].get("pooled_output"))):
+            if isinstance(tensor, Tensor) and not torch.isfinite(tensor).all():
+                raise ValueError(f"{input_name}: the conditioning's {what} contain NaN/Inf; check the node that "
+                                 f"produced it (text encoder, conditioning math, an fp16 overflow)")
+    return conditioning
 
 
 def _step_callback(model: Any, steps: int, callback: Callable | None, preview: bool, seen: list[int]) -> Callable:
@@ -220,7 +250,8 @@ def sample_with_expert(
         fallback: expert to rerun with when the output has NaN/Inf (None: raise instead).
 
     Raises:
-        ValueError naming ``latent_image`` for a malformed or non-finite latent;
+        ValueError naming ``latent_image`` for a malformed, empty or non-finite latent, or
+        ``positive``/``negative`` for malformed or non-finite conditioning;
         ``comfy.model_management.InterruptProcessingException`` when the user interrupts
         (never swallowed); :class:`NonFiniteOutputError` when the fallback fails too.
     """
@@ -229,7 +260,9 @@ def sample_with_expert(
 
     attempts = [] if attempts is None else attempts
     first = len(attempts)
-    check_latent(latent)
+    check_latent(latent, model=model)
+    check_conditioning(positive, "positive")
+    check_conditioning(negative, "negative")
     start = time.perf_counter()
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))

@@ -230,6 +230,15 @@ def _comfy_sigmas(scheduler: str, discard_penultimate: bool, schedule: ModelSche
     sigmas = comfy.samplers.calculate_sigmas(schedule.native, scheduler, steps + 1 if discard_penultimate else steps)
     if discard_penultimate:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    if len(sigmas) > 1 and not bool((sigmas[1:] < sigmas[:-1]).all()):
+        # e.g. 'simple' takes every (1000 / steps)-th of the model's 1000 trained noise levels:
+        # beyond 1000 steps it repeats levels, which no solver can step between.
+        distinct = int(torch.unique(sigmas[sigmas > 0]).numel())
+        raise ValueError(
+            f"steps: the {scheduler!r} scheduler repeats noise levels when asked for {steps} (the steps, or "
+            f"steps / denoise for img2img) on this model, which gives {distinct} distinct ones; use fewer steps "
+            f"(at most {distinct} at denoise 1) or another scheduler"
+        )
     return sigmas
 
 

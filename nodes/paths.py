@@ -26,6 +26,15 @@ STORE_FILENAME = "stats.sqlite3"
 MAX_NAME_LENGTH = 100
 _SAVE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+# Windows device names: "con", "NUL.safetensors", "com1.anything" open a device, not a file.
+_WINDOWS_DEVICE = re.compile(r"(con|prn|aux|nul|conin\$|conout\$|(com|lpt)[0-9\u00b9\u00b2\u00b3])(\..*)?",
+                             re.IGNORECASE)
+
+
+def is_windows_device_name(part: str) -> bool:
+    """Whether a file name is reserved for a device on Windows (``con``, ``NUL.txt``, ``com1.x``, any case;
+    Windows ignores trailing spaces and dots before matching)."""
+    return bool(_WINDOWS_DEVICE.fullmatch(part.rstrip(" .")))
 
 
 def check_router_name(name: Any, input_name: str = "router") -> str:
@@ -44,6 +53,8 @@ def check_router_name(name: Any, input_name: str = "router") -> str:
         problem = "is an absolute path"
     elif any(part in ("", ".", "..") for part in name.split("/")):
         problem = "has an empty, '.' or '..' path component"
+    elif any(is_windows_device_name(part) for part in name.split("/")):
+        problem = "names a Windows device (con, nul, aux, prn, com1-9, lpt1-9)"
     elif not name.lower().endswith(ROUTER_EXTENSION):
         problem = f"does not end in {ROUTER_EXTENSION} (routers are only read from safetensors files)"
     if problem:
@@ -78,6 +89,9 @@ def check_save_name(name: Any, input_name: str = "router_name") -> str:
             f"{input_name}: {name!r} is not a valid router name; use 1-{MAX_NAME_LENGTH} letters, digits, "
             f"'-', '_' or '.', not starting with '.' or '-' and without '..' (no folders)"
         )
+    if is_windows_device_name(stem):
+        raise ValueError(f"{input_name}: {name!r} is a Windows device name (con, nul, aux, prn, com1-9, lpt1-9), "
+                         f"not usable as a file name; pick another router name")
     return stem + ROUTER_EXTENSION
 
 
@@ -135,8 +149,9 @@ def resolve_router(name: str, input_name: str = "router") -> Path | None:
             return Path(candidate)
     known = router_names()
     listing = ", ".join(repr(n) for n in known[:12]) + (" ..." if len(known) > 12 else "")
-    raise ValueError(
-        f"{input_name}: router file {name!r} not found in {', '.join(folders)}; available: {listing}"
+    raise ValueError(  # the folders' names only: this message reaches the browser
+        f"{input_name}: router file {name!r} not found in the {ROUTER_FOLDER} models folder"
+        f"{'s' if len(folders) > 1 else ''}; available: {listing}"
     )
 
 
@@ -165,7 +180,8 @@ def load_router(name: str, input_name: str = "router"):
     The cache key includes the file's mtime and size, so a retrained router is picked up; the
     built-in default is built once (building it costs more than a routing decision). Callers
     only read the router (``select``); training builds a router of its own. Errors (missing,
-    corrupt, wrong feature version) are ValueErrors naming ``input_name``.
+    corrupt, wrong feature version) are ValueErrors naming ``input_name`` and the file by its
+    name in the folder, never by its absolute path (they reach the browser).
     """
     from ..router.model import Router, RouterLoadError
 
@@ -183,7 +199,7 @@ def load_router(name: str, input_name: str = "router"):
         if cached is not None and cached[0] == key:
             return cached[1]
     try:
-        router = Router.load(path)
+        router = Router.load(path, label=name)
     except RouterLoadError as exc:
         raise RouterLoadError(f"{input_name}: {exc}") from None
     with _router_lock:

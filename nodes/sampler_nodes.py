@@ -109,7 +109,9 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
     """
     pool = comfy_experts.check_pool(default_pool() if expert_pool is None else expert_pool)
     forced = comfy_experts.forced_expert(mode, pool)
-    samples = bridge.check_latent(latent_image)
+    samples = bridge.check_latent(latent_image, model=model)
+    bridge.check_conditioning(positive, "positive")
+    bridge.check_conditioning(negative, "negative")
     state = state_from_conditioning(positive, negative, tuple(samples.shape), max(cfg, MIN_FEATURE_CFG), denoise,
                                     comfy_experts.model_family(model), priority, "interactive")
     selection = None
@@ -176,14 +178,11 @@ class MoEAdaptiveSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, router=None, mode=None) -> bool | str:
-        # Named here, these skip core's combo check: custom expert names ("euler/normal/20") can
-        # be forced from API prompts, and a bad router name gets a message that names the input.
-        if isinstance(router, str):
-            try:
-                paths.resolve_router(router)
-            except ValueError as exc:
-                return str(exc)
+    def validate_inputs(cls, mode=None) -> bool | str:
+        # Named here, mode skips core's combo check: custom expert names ("euler/normal/20") can be
+        # forced from API prompts. Only mode is named: ComfyUI files a failure under every input
+        # named here. router keeps core's check against the dropdown, which lists the router files
+        # at validation time (folder traversal cannot match one); load_router checks it again.
         if isinstance(mode, str) and mode != "auto" and mode not in expert_names(include_compat=True):
             try:
                 comfy_experts.check_custom_expert_name(mode)
