@@ -1,12 +1,12 @@
 """Start a real ComfyUI server with this pack loaded, drive it over HTTP and websocket, stop it.
 
-Standard library only (ComfyUI's own venv need not have ``websocket-client``), and nothing
-is imported from ComfyUI: the server is a subprocess (``main.py --cpu``) listening on a free
-loopback port. Everything it writes goes under one temporary base directory
-(``--base-directory``: models, custom_nodes, input, output, temp, user; an in-memory app
-database), the pack is a symlink in ``<base>/custom_nodes`` and the checkpoints folder comes
-from an ``--extra-model-paths-config`` YAML, the way ComfyUI's own ``tests/execution`` loads
-its testing pack.
+HTTP with the standard library, the websocket with aiohttp's client (a ComfyUI requirement,
+imported only when a websocket is opened); nothing is imported from ComfyUI: the server is a
+subprocess (``main.py --cpu``) listening on a free loopback port. Everything it writes goes
+under one temporary base directory (``--base-directory``: models, custom_nodes, input, output,
+temp, user; an in-memory app database), the pack is a symlink in ``<base>/custom_nodes`` and
+the checkpoints folder comes from an ``--extra-model-paths-config`` YAML, the way ComfyUI's own
+``tests/execution`` loads its testing pack.
 
     with ComfyServer(comfy_path, base_dir, checkpoint_dir=ckpt_dir) as server:
         prompt_id = server.queue_prompt(api_graph)
@@ -16,13 +16,10 @@ its testing pack.
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
 import json
 import os
 import socket
-import ssl
-import struct
 import subprocess
 import sys
 import time
@@ -309,105 +306,63 @@ def status_messages(entry: dict) -> dict[str, dict]:
 
 
 class WebSocket:
-    """A minimal blocking RFC 6455 client (text/binary frames, ping/pong, fragmentation).
+    """A blocking websocket client: aiohttp's client (a ComfyUI requirement) on a private event loop.
 
-    Enough for ComfyUI's ``/ws`` event stream and Chromium's DevTools protocol; no TLS
-    extensions, no compression.
+    Enough for ComfyUI's ``/ws`` event stream and Chromium's DevTools protocol: text and binary
+    messages of any size; pings are answered by aiohttp. aiohttp is imported on connect, so this
+    module imports without it (the plain test venv).
     """
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buffer = b""
+    def __init__(self, loop, session, ws) -> None:
+        self._loop = loop
+        self._session = session
+        self._ws = ws
 
     @classmethod
     def connect(cls, url: str, timeout: float = 10.0) -> "WebSocket":
-        parsed = urllib.parse.urlsplit(url)
-        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "wss" else 80)
-        sock = socket.create_connection((host, port), timeout=timeout)
-        if parsed.scheme == "wss":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        key = base64.b64encode(os.urandom(16)).decode()
-        path = parsed.path + (f"?{parsed.query}" if parsed.query else "")
-        request = (f"GET {path or '/'} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        sock.sendall(request.encode())
-        ws = cls(sock)
-        head = ws._read_until(b"\r\n\r\n", timeout)
-        status_line = head.split(b"\r\n", 1)[0]
-        if b" 101 " not in status_line + b" ":
-            sock.close()
-            raise ComfyServerError(f"websocket handshake to {url} failed: {status_line!r}")
-        return ws
+        import asyncio
 
-    def _read_until(self, marker: bytes, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        while marker not in self._buffer:
-            self._fill(deadline)
-        head, self._buffer = self._buffer.split(marker, 1)
-        return head
+        import aiohttp
 
-    def _fill(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("websocket read timed out")
-        self.sock.settimeout(remaining)
+        async def open_connection():
+            session = aiohttp.ClientSession()
+            try:
+                return session, await session.ws_connect(url, max_msg_size=0)
+            except BaseException:
+                await session.close()
+                raise
+
+        loop = asyncio.new_event_loop()
         try:
-            chunk = self.sock.recv(1 << 16)
-        except socket.timeout:
-            raise TimeoutError("websocket read timed out") from None
-        if not chunk:
-            raise ConnectionError("websocket closed by the peer")
-        self._buffer += chunk
+            session, ws = loop.run_until_complete(asyncio.wait_for(open_connection(), timeout))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            loop.close()
+            raise ComfyServerError(f"websocket handshake to {url} failed: {exc!r}") from exc
+        return cls(loop, session, ws)
 
-    def _read_exact(self, count: int, deadline: float) -> bytes:
-        while len(self._buffer) < count:
-            self._fill(deadline)
-        data, self._buffer = self._buffer[:count], self._buffer[count:]
-        return data
+    def _run(self, coroutine, timeout: float | None = None):
+        import asyncio
 
-    def _send_frame(self, opcode: int, payload: bytes) -> None:
-        header = bytes([0x80 | opcode])
-        length = len(payload)
-        if length < 126:
-            header += bytes([0x80 | length])
-        elif length < 1 << 16:
-            header += bytes([0x80 | 126]) + struct.pack(">H", length)
-        else:
-            header += bytes([0x80 | 127]) + struct.pack(">Q", length)
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(header + mask + masked)
+        if timeout is not None:
+            coroutine = asyncio.wait_for(coroutine, max(timeout, 0.001))
+        return self._loop.run_until_complete(coroutine)
 
     def send(self, text: str) -> None:
-        self._send_frame(0x1, text.encode("utf-8"))
+        self._run(self._ws.send_str(text))
+
+    async def _receive(self) -> str | bytes:
+        from aiohttp import WSMsgType
+
+        message = await self._ws.receive()
+        if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return message.data
+        if message.type == WSMsgType.ERROR:
+            raise ConnectionError(f"websocket error: {self._ws.exception()!r}")
+        raise ConnectionError("websocket closed by the peer")
 
     def recv(self, timeout: float = 30.0) -> str | bytes:
         """The next whole message: ``str`` for text, ``bytes`` for binary. Raises TimeoutError."""
-        deadline = time.monotonic() + timeout
-        message, message_opcode = b"", None
-        while True:
-            first, second = self._read_exact(2, deadline)
-            fin, opcode, length = first & 0x80, first & 0x0F, second & 0x7F
-            if length == 126:
-                length = struct.unpack(">H", self._read_exact(2, deadline))[0]
-            elif length == 127:
-                length = struct.unpack(">Q", self._read_exact(8, deadline))[0]
-            mask = self._read_exact(4, deadline) if second & 0x80 else None
-            payload = self._read_exact(length, deadline)
-            if mask:
-                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-            if opcode == 0x8:
-                raise ConnectionError("websocket closed by the peer")
-            if opcode == 0x9:
-                self._send_frame(0xA, payload)
-                continue
-            if opcode == 0xA:
-                continue
-            if opcode in (0x1, 0x2):
-                message_opcode = opcode
-            message += payload
-            if fin:
-                return message.decode("utf-8") if message_opcode == 0x1 else message
+        return self._run(self._receive(), timeout)
 
     def recv_json(self, timeout: float = 30.0) -> dict | None:
         """The next text message decoded, skipping binary frames (previews); None at timeout."""
@@ -433,10 +388,13 @@ class WebSocket:
         return None
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._send_frame(0x8, b"")
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            self._run(self._ws.close(), timeout=5.0)
+        with contextlib.suppress(Exception):
+            self._run(self._session.close(), timeout=5.0)
+        self._loop.close()
 
     def __enter__(self) -> "WebSocket":
         return self
