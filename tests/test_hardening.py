@@ -433,6 +433,18 @@ def _adaptive(comfy, latent, positive=None, **kw):
 
 
 @pytest.mark.comfyui
+def test_trainer_refuses_sizes_beyond_free_memory_in_comfyui(comfy, monkeypatch):
+    """ComfyUI's own estimate for the loaded model against the (CPU) free RAM."""
+    import comfy.model_management as mm
+
+    environment_module.check_sizes_fit(comfy.model, [(512, 512)])  # about 0.6 GB: fits on any test machine
+    monkeypatch.setattr(mm, "get_free_memory", lambda *args, **kwargs: 2**30)
+    with pytest.raises(TrainingInputError, match=r"^sizes: 1536x1536 needs about \d+\.\d GB to sample with this "
+                                                 r"model \(ComfyUI's estimate\) and there is 1\.0 GB of free RAM"):
+        environment_module.check_sizes_fit(comfy.model, [(512, 512), (1536, 1536)])
+
+
+@pytest.mark.comfyui
 @pytest.mark.parametrize("shape", [(1, 4, 0, 0), (1, 4, 8, 0), (1, 4, 2, 8, 8), (1, 4, 1, 8, 8)])
 def test_sampler_bad_latent_names_latent_image(comfy, shape):
     """A 0x0 latent gave ZeroDivisionError and a 5-D latent a conv2d error."""
