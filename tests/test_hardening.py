@@ -530,3 +530,21 @@ def test_resume_below_the_checkpoint_episodes_is_refused(comfy, tmp_path, monkey
     again = train(3)
     assert again.report.startswith("Nothing left to train: the run of resumed.safetensors had already done 3")
     assert train(4).episodes == 4
+
+
+@pytest.mark.comfyui
+def test_resume_errors_carry_no_paths(comfy, tmp_path, monkeypatch):
+    """Errors reach the browser: a router that cannot be resumed is named by its file name."""
+    from test_training_nodes_unit import FakeBridge, FakeClip
+
+    from helpers.comfy_env import use_temp_dirs
+
+    use_temp_dirs(tmp_path)
+    monkeypatch.setattr(comfy.comfy_experts, "model_family", lambda model: "eps")
+    (tmp_path / "models" / "moe_routers" / "broken.safetensors").write_bytes(b"\x00" * 64)
+    plan = _plan(prompts="a cat", sizes="16x16", cfg_values="3", episodes=1, seeds_per_prompt=1, router_name="broken")
+    with pytest.raises(ValueError) as caught:
+        comfy.training_nodes.train_router(FakeBridge().model, FakeClip(), plan, None, reference_steps=20)
+    message = str(caught.value)
+    assert message.startswith("resume: cannot continue from broken.safetensors: broken.safetensors is not a valid")
+    assert str(tmp_path) not in message, message
