@@ -16,7 +16,7 @@ _PUBLIC_API = {
     "AdvancedExpertSelector": ".router.compat",
     "MixtureOfExperts": ".router.compat",
     "ExpertRouter": ".router.compat",
-    "MoERLTrainer": ".router.trainer",
+    "MoERLTrainer": ".router.compat",  # the original API's signature; the core trainer is router.trainer's
 }
 
 

@@ -117,11 +117,6 @@ class ExpertDescriptor:
         if self.max_nfe == 0:
             object.__setattr__(self, "max_nfe", int(math.ceil(self.steps * self.calls_per_step)))
 
-    @property
-    def nominal_nfe(self) -> int:
-        """Model calls of a full run to the end of its schedule (the cap for adaptive experts)."""
-        return self.max_nfe
-
     def to_features(self) -> Tensor:
         """The descriptor as a fixed float vector, shape [DESCRIPTOR_DIM], for the router."""
         log_nfe = math.log2(max(self.max_nfe, 1))
@@ -327,6 +322,6 @@ def default_pool() -> list[Expert]:
     return registered_experts(include_compat=False)
 
 
-def features_of(experts: Iterable[Expert]) -> Tensor:
-    """Stack descriptor features, shape [n_experts, DESCRIPTOR_DIM]."""
-    return torch.stack([e.descriptor.to_features() for e in experts])
+def features_of(experts: Iterable[Expert | ExpertDescriptor]) -> Tensor:
+    """Stack descriptor features of experts (or descriptors), shape [n_experts, DESCRIPTOR_DIM]."""
+    return torch.stack([getattr(e, "descriptor", e).to_features() for e in experts])

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from ..router.environment import DenoiserEnvironment, RunReport, Sampled
+
 logger = logging.getLogger(__name__)
 
 REFERENCE_STEPS = 100
@@ -219,18 +221,72 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+# ------------------------------------------------------------------------------------ latents
+
+# Spatial downscale of latent formats whose VAE is not 8x (ComfyUI v0.8.0's empty-latent nodes);
+# a latent_format with ``spacial_downscale_ratio`` (newer ComfyUI) says it itself.
+_DOWNSCALE = {"Flux2": 16, "HunyuanImage21": 32, "HunyuanVideo15": 16, "LTXV": 32, "LTXAV": 32, "Wan22": 16}
+
+
+def latent_layout(model: Any) -> tuple[int, int, int]:
+    """``(channels, spatial dimensions, downscale)`` of a ComfyUI MODEL's latent, from its
+    ``latent_format`` (``latent_channels``, ``latent_dimensions``, and the pixel-to-latent
+    factor); SD1.5's ``(4, 2, 8)`` for an object without one."""
+    getter = getattr(model, "get_model_object", None)
+    latent_format = getter("latent_format") if callable(getter) else None
+    if latent_format is None:
+        return 4, 2, 8
+    downscale = getattr(latent_format, "spacial_downscale_ratio", None)
+    if not isinstance(downscale, int):
+        downscale = next((v for name, v in _DOWNSCALE.items()
+                          if type(latent_format).__name__ == name), 8)
+    return int(latent_format.latent_channels), int(getattr(latent_format, "latent_dimensions", 2)), downscale
+
+
+def sampled_latent_shape(model: Any, samples: Any) -> tuple[int, ...]:
+    """The shape of the latent the model actually samples, as ComfyUI's
+    ``comfy.sample.fix_empty_latent_channels`` makes it: an all-zero (empty) latent with another
+    channel count gets the model's; a 4-D latent of a video model gets a time axis of 1.
+
+    The one source of the latent shape in the router's state: the sampler node and the
+    training environment both call it, so a router trained in a workflow sees the same state
+    at generation time (a 16-channel SD3/Flux latent, an SD1.5 empty latent on Flux, ...).
+    """
+    import torch
+
+    shape = tuple(int(s) for s in samples.shape)
+    channels, dimensions, _ = latent_layout(model)
+    if len(shape) >= 2 and shape[1] != channels and not torch.count_nonzero(samples):
+        shape = (shape[0], channels, *shape[2:])
+    if dimensions == 3 and len(shape) == 4:
+        shape = (shape[0], shape[1], 1, *shape[2:])
+    return shape
+
+
+def empty_latent(model: Any, width: int, height: int, batch: int = 1) -> dict:
+    """An empty LATENT for ``width`` x ``height`` pixels with the model's channels and spatial
+    factor (what the model's own empty-latent node makes; on the CPU, like core's)."""
+    import torch
+
+    channels, _, downscale = latent_layout(model)
+    return {"samples": torch.zeros([batch, channels, height // downscale, width // downscale])}
+
+
 # ------------------------------------------------------------------------------------ contexts
 
 
 @dataclass(frozen=True)
 class ComfyContext:
-    """One training generation: prompt index, latent size in pixels, cfg and noise seed."""
+    """One training generation: prompt index, latent size in pixels, cfg and noise seed
+    (text-to-image: ``denoise`` is 1)."""
 
     prompt: int
     width: int
     height: int
     cfg: float
     seed: int
+
+    denoise = 1.0
 
 
 def training_contexts(n_prompts: int, sizes: Sequence[tuple[int, int]], cfgs: Sequence[float],
@@ -261,25 +317,15 @@ def quality_from_relative_error(error: float) -> float:
     return float(quality_from_error(error)) if math.isfinite(error) else 0.0
 
 
-@dataclass(frozen=True)
-class ExpertRunReport:
-    """A fresh expert run on a context, as the training node records it."""
-
-    context: ComfyContext
-    expert: str
-    nfe: int
-    steps: int
-    seconds: float
-    quality: float
-    relative_error: float
-    success: bool
-    error: str | None
-    priority: float | None
-    state: Any
+ExpertRunReport = RunReport  # what on_run receives (the router environment's report)
 
 
-class ComfyEnvironment:
+class ComfyEnvironment(DenoiserEnvironment):
     """The trainer's ``Environment`` on a ComfyUI MODEL and CLIP (see the module docstring).
+
+    The router's :class:`~moe_sampler.router.environment.DenoiserEnvironment` core (outcome
+    cache, failures, quality, run reports) with ComfyUI's sampling path: the reference and
+    every expert run through the bridge from the context's seed.
 
     Args:
         model: ComfyUI ``MODEL`` (a ModelPatcher); never modified.
@@ -287,7 +333,8 @@ class ComfyEnvironment:
         prompts, negative: prompt texts; the negative prompt is shared by all contexts.
         contexts: the finite set of contexts to draw from (:func:`training_contexts`).
         reference_steps: steps of the reference solve.
-        on_run: called with an :class:`ExpertRunReport` after every fresh expert run.
+        on_run: called with a ``RunReport`` after every fresh expert run.
+        priority: the priority the reported runs' states are computed at (the node's).
 
     ComfyUI's interrupt (checked at every sampling step by the bridge) propagates out of
     :meth:`evaluate` untouched; nothing is cached for the run it stopped.
@@ -295,21 +342,20 @@ class ComfyEnvironment:
 
     def __init__(self, model: Any, clip: Any, prompts: Sequence[str], negative: str,
                  contexts: Sequence[ComfyContext], reference_steps: int = REFERENCE_STEPS,
-                 on_run: Callable[[ExpertRunReport], None] | None = None) -> None:
+                 on_run: Callable[[Any], None] | None = None, priority: float = 0.5) -> None:
         from . import comfy_experts
 
         if not contexts:
             raise TrainingInputError("prompts: no training contexts (no prompt, size or cfg value)")
-        self.model, self.clip = model, clip
+        super().__init__(model, None, on_run=on_run, report_priority=priority)
+        self.source = self
+        self.clip = clip
         self.prompts, self.negative = list(prompts), negative
         self.contexts = list(contexts)
         self.reference_steps = reference_steps
-        self.on_run = on_run
         self.family = comfy_experts.model_family(model)
         self._conditioning: dict[int | None, Any] = {}
-        self._references: dict[ComfyContext, Any] = {}
-        self._outcomes: dict[tuple, Any] = {}
-        self._last_state: tuple[ComfyContext, float, Any] | None = None
+        self._comfy_references: dict[ComfyContext, Any] = {}
 
     # -- conditioning and latents
 
@@ -324,11 +370,12 @@ class ComfyEnvironment:
         return self._conditioning[prompt]
 
     def latent(self, context: ComfyContext) -> dict:
-        """An empty LATENT of the context's size, like core's EmptyLatentImage (batch 1, on the CPU;
-        the bridge adapts the channel count to the model and moves it to the model's device)."""
-        import torch
+        """The empty LATENT of the context's size for this model (:func:`empty_latent`, batch 1)."""
+        return empty_latent(self.model, context.width, context.height)
 
-        return {"samples": torch.zeros([1, 4, context.height // 8, context.width // 8])}
+    def latent_shape(self, context: ComfyContext) -> tuple[int, ...]:
+        """The latent shape the model samples for a context (:func:`sampled_latent_shape`)."""
+        return sampled_latent_shape(self.model, self.latent(context)["samples"])
 
     # -- the Environment protocol
 
@@ -337,24 +384,15 @@ class ComfyEnvironment:
         return rng.choice(self.contexts)
 
     def state(self, context: ComfyContext, priority: float) -> Any:
-        """The context's router state [64] for ``priority`` (source "training")."""
+        """The context's router state [64] for ``priority`` (source "training"); the latent
+        shape is the one the sampler node's state uses for the same generation."""
         from ..router.features import state_from_conditioning
 
-        state = state_from_conditioning(self.conditioning(context.prompt), self.conditioning(None),
-                                        (1, 4, context.height // 8, context.width // 8), context.cfg, 1.0,
-                                        self.family, priority, source="training")
-        self._last_state = (context, priority, state)
-        return state
-
-    def evaluate(self, context: ComfyContext, experts: Sequence[Any]) -> list[Any]:
-        """Reference once for the context, then each expert from the same noise; one Outcome each."""
-        return [self._evaluate_one(context, expert) for expert in experts]
+        return state_from_conditioning(self.conditioning(context.prompt), self.conditioning(None),
+                                       self.latent_shape(context), context.cfg, 1.0, self.family, priority,
+                                       source="training")
 
     # -- runs
-
-    def outcomes(self) -> list[Any]:
-        """Every outcome measured so far (one per context and expert), in measuring order."""
-        return list(self._outcomes.values())
 
     def _sample(self, context: ComfyContext, expert: Any, attempts: list | None = None) -> tuple[Any, Any]:
         import torch
@@ -366,9 +404,9 @@ class ComfyEnvironment:
         # score as a failure, not as BalancedMaster's result.
         with torch.inference_mode():
             return bridge.sample_with_expert(
-                self.model, expert, self.conditioning(context.prompt), self.conditioning(None), self.latent(context),
-                seed=context.seed, cfg=context.cfg, denoise=1.0, preview=False, disable_pbar=True, fallback=None,
-                attempts=attempts,
+                self.model, expert, self.conditioning(context.prompt), self.conditioning(None),
+                self.latent(context), seed=context.seed, cfg=context.cfg, denoise=1.0, preview=False,
+                disable_pbar=True, fallback=None, attempts=attempts,
             )
 
     def reference_expert(self) -> Any:
@@ -382,43 +420,32 @@ class ComfyEnvironment:
 
     def reference(self, context: ComfyContext) -> Any:
         """The reference latent of a context (computed once)."""
-        if context not in self._references:
-            latent, _ = self._sample(context, self.reference_expert())
-            self._references[context] = latent["samples"].detach().float().cpu()
-        return self._references[context]
+        if context not in self._comfy_references:
+            latent, report = self._sample(context, self.reference_expert())
+            self.calls["reference"] += report.nfe
+            self._comfy_references[context] = latent["samples"].detach().float().cpu()
+        return self._comfy_references[context]
 
-    def _evaluate_one(self, context: ComfyContext, expert: Any) -> Any:
-        from ..router.environment import Outcome
+    def prepare(self, context: ComfyContext, expert: Any) -> tuple[None, None, Any]:
+        return None, None, self.reference(context)
 
-        key = (context, expert.name, expert.descriptor)
-        if key in self._outcomes:
-            return self._outcomes[key]
-        reference = self.reference(context)
+    def sample(self, context: ComfyContext, expert: Any, x: Any, sigmas: Any) -> Any:
         start = time.perf_counter()
-        latent, error_text, attempts = None, None, []
+        attempts: list = []
         try:
             latent, report = self._sample(context, expert, attempts)
-            nfe, steps, seconds = report.nfe, report.steps, report.seconds
         except (RuntimeError, ValueError, ArithmeticError) as exc:  # ComfyUI's interrupt is none of these
             logger.warning("MoE training: expert %s failed on %s: %s", expert.name, context, exc)
-            error_text = f"{type(exc).__name__}: {exc}"
             last = attempts[-1] if attempts else None
-            nfe = last.nfe if last else 0
-            steps = last.steps if last else 0
-            seconds = last.seconds if last else time.perf_counter() - start
-        if latent is not None:
-            error = relative_error(latent["samples"].detach().float().cpu(), reference)
-        else:
-            error = math.inf
-        success = math.isfinite(error)
-        quality = quality_from_relative_error(error)
-        outcome = Outcome(expert.name, error, quality, nfe, seconds, success)
-        self._outcomes[key] = outcome
-        if self.on_run is not None:
-            priority, state = None, None
-            if self._last_state is not None and self._last_state[0] == context:
-                _, priority, state = self._last_state
-            self.on_run(ExpertRunReport(context, expert.name, nfe, steps, seconds, quality,
-                                        error, success, error_text or (None if success else "non-finite output"),
-                                        priority, state))
-        return outcome
+            return Sampled(None, last.nfe if last else 0, last.steps if last else 0,
+                           last.seconds if last else time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
+        samples = latent["samples"].detach().float().cpu()
+        if not math.isfinite(relative_error(samples, samples)):
+            return Sampled(None, report.nfe, report.steps, report.seconds, "non-finite output")
+        return Sampled(samples, report.nfe, report.steps, report.seconds)
+
+    def relative_error(self, context: ComfyContext, x: Any, reference: Any) -> Any:
+        """Relative error over the whole latent, as a [1] tensor."""
+        import torch
+
+        return torch.tensor([relative_error(x, reference)], dtype=torch.float64)

@@ -19,6 +19,7 @@ from ..experts import default_pool, expert_names, get_expert
 from ..router.features import state_from_conditioning
 from ..stats.report import MANUAL_ROUTER, router_label
 from . import bridge, comfy_experts, paths
+from .comfy_environment import sampled_latent_shape
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,10 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
     samples = bridge.check_latent(latent_image, model=model)
     bridge.check_conditioning(positive, "positive")
     bridge.check_conditioning(negative, "negative")
-    state = state_from_conditioning(positive, negative, tuple(samples.shape), max(cfg, MIN_FEATURE_CFG), denoise,
-                                    comfy_experts.model_family(model), priority, "interactive")
+    # The latent as the model samples it: the same helper builds the training state (issue 11).
+    state = state_from_conditioning(positive, negative, sampled_latent_shape(model, samples),
+                                    max(cfg, MIN_FEATURE_CFG), denoise, comfy_experts.model_family(model), priority,
+                                    "interactive")
     selection = None
     if forced is None:
         selection = paths.load_router(router).select(state, pool, priority=priority, temperature=temperature,

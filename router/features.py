@@ -1,41 +1,55 @@
 """The router's state: a fixed 64-value vector describing one generation.
 
-Every slot is scaled to about [-1, 1]. Conditioning of any width (768 for SD1.5, 2048 for
-SDXL, 4096 for flow models) is pooled and projected to a fixed size with a FIXED random
-projection per input width, seeded from the width alone, so the same conditioning gives the
-same state in every process.
+Each slot is first scaled to a raw value ``z`` that is linear in what it measures and spans
+[-1, 1] over the documented range below (the range the benchmark and the default training
+cover); then every slot goes through :func:`soft`, the identity on [-1, 1] and
+``sign(z) (2 - 1 / |z|)`` beyond, so the state lies in (-2, 2) and a value beyond the range
+stays distinct from the range's edge and ordered (cfg 30 < cfg 100, 64 < 128 channels) where
+feature version 1 clamped it to +-1. Conditioning of any width (768 for SD1.5, 2048 for SDXL,
+4096 for flow models) is pooled and projected to a fixed size with a FIXED random projection
+per input width, seeded from the width alone, so the same conditioning gives the same state in
+every process.
 
-Slot table (``FEATURE_VERSION = 1``):
+Slot table (``FEATURE_VERSION = 2``; "linear for" is the range where ``|z| <= 1``):
 
-========  ==================================================================================
-slots     meaning
-========  ==================================================================================
-0-19      positive conditioning: token-and-batch mean, standardised, projected, ``tanh``
-20-27     positive ``pooled_output`` (standardised, projected); 0 when absent
-28-33     negative conditioning: same projection as slots 0-5
-34        log10 rms of the positive conditioning (raw scale), / 2
-35        token count, ``log2(tokens) / 8``
-36        cosine similarity of pooled positive and negative (0 when no negative)
-37        has ``pooled_output`` (1/0)
-38        has a negative conditioning (1/0)
-39        conditioning width, ``(log2(width) - 10) / 2``
-40-46     prompt statistics (analytic model only; 0 for real models): log2 modes / 4,
-          separation, log2 scale / 2, scale spread, log anisotropy, smallest component
-          std, guidance gap (see :func:`analytic_prompt_statistics`)
-47        analytic model (1/0)
-48        latent elements per sample, ``(log2(n) - 12) / 6``
-49        aspect, ``log2(width / height) / 2`` (0 for 1-D latents)
-50        latent channels / 16 (0 for 1-D latents)
-51        spatial rank, ``(ndim - 2) / 3``: 0 vector, 0.67 image, 1 video
-52        batch, ``log2(batch) / 4``
-53        cfg, ``log(cfg) / log(16)``
-54        cfg, ``(cfg - 6) / 6``
-55        denoise, ``2 * denoise - 1``
-56-58     model family one-hot: eps, v, flow
-59        the user's priority, ``2 * priority - 1`` (0 speed ... 1 quality)
-60-61     source one-hot: interactive, training
-62-63     conditioning entries ``log2(n) / 3``; extra conditioning keys present (1/0)
-========  ==================================================================================
+========  ==============================================  ==================================
+slots     meaning, raw value ``z``                        linear for
+========  ==============================================  ==================================
+0-19      positive conditioning: token-and-batch mean,    ``|p| <= 2`` (p ~ N(0, 1))
+          standardised, projected to ``p``, ``p / 2``
+20-27     positive ``pooled_output`` (same); 0 if absent  ``|p| <= 2``
+28-33     negative conditioning: projection as 0-5        ``|p| <= 2``
+34        rms of the positive conditioning, log10 / 2     rms 0.01 ... 100
+35        token count, ``log2(tokens) / 8``               1 ... 256 tokens
+36        cosine of pooled positive and negative          [-1, 1] (0 when no negative)
+37        has ``pooled_output`` (1/0)                     -
+38        has a negative conditioning (1/0)               -
+39        conditioning width, ``(log2(width) - 10) / 2``  256 ... 4096
+40-46     prompt statistics (analytic model only; 0 for   modes 1 ... 16, separation 0 ... 3,
+          real models, see                                scale 1/4 ... 4, spread 0 ... 1,
+          :func:`analytic_prompt_statistics`)             anisotropy 1 ... 30, smallest std
+                                                          0.01 ... 100, guidance gap 0 ... 1
+47        analytic model (1/0)                            -
+48        latent elements per sample,                     2^6 ... 2^18
+          ``(log2(n) - 12) / 6``
+49        aspect, ``log2(width / height) / 2``            1:4 ... 4:1 (0 for 1-D latents)
+50        latent channels / 16 (0 for 1-D latents)        0 ... 16 channels
+51        spatial rank, ``(ndim - 2) / 3``                vector 0, image 0.67, video 1
+52        batch, ``log2(batch) / 4``                      1 ... 16
+53        cfg, ``log(cfg) / log(16)``                     1/16 ... 16
+54        cfg, ``(cfg - 6) / 6``                          0 ... 12
+55        denoise, ``2 * denoise - 1``                    (0, 1]
+56-58     model family one-hot: eps, v, flow              -
+59        the user's priority, ``2 * priority - 1``       [0, 1] (0 speed ... 1 quality)
+60-61     source one-hot: interactive, training           -
+62        conditioning entries, ``log2(n) / 3``           1 ... 8
+63        extra conditioning keys present (1/0)           -
+========  ==============================================  ==================================
+
+Version 1 used the same raw values with ``tanh(0.6 p)`` for the projections and a clamp to
+[-1, 1] elsewhere; routers saved for it are refused by ``Router.load`` with a message to
+retrain (inside the ranges most slots keep their values; the projections, the guidance gap,
+formerly ``tanh(gap)``, and everything beyond the ranges do not).
 
 The router's scorer does not read slot 59 (see :mod:`.model`): priority enters through the
 utility only, so moving the slider never needs retraining.
@@ -53,7 +67,7 @@ from torch import Tensor
 from .policy import check_priority
 
 STATE_DIM = 64
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 FAMILIES = ("eps", "v", "flow")
 SOURCES = ("interactive", "training")
 
@@ -81,11 +95,18 @@ def projection(width: int, rows: int) -> Tensor:
     return torch.randn(rows, width, generator=g, dtype=torch.float64) / math.sqrt(width)
 
 
+def soft(z: Tensor) -> Tensor:
+    """The identity on [-1, 1], ``sign(z) (2 - 1 / |z|)`` beyond: strictly increasing, continuous
+    with its slope, bounded by 2 in size; applied to every slot (see the module docstring)."""
+    magnitude = z.abs()
+    return torch.where(magnitude <= 1.0, z, z.sign() * (2.0 - 1.0 / magnitude.clamp_min(1.0)))
+
+
 def _project(vector: Tensor, rows: int) -> Tensor:
-    """Standardise a pooled vector [width] and project it to ``rows`` values in (-1, 1)."""
+    """Standardise a pooled vector [width] and project it to ``rows`` raw values ``p / 2``."""
     v = vector.double()
     v = (v - v.mean()) / (v.std(unbiased=False) + 1e-8)
-    return torch.tanh(0.6 * (projection(v.numel(), rows) @ v))
+    return 0.5 * (projection(v.numel(), rows) @ v)
 
 
 def _entries(conditioning: Any) -> list[tuple[Tensor, dict]]:
@@ -172,7 +193,7 @@ def state_from_conditioning(positive: Any, negative: Any, latent_shape: Any, cfg
     if pooled is not None:
         state[POOLED_SLOTS] = _project(pooled, 8)
         state[37] = 1.0
-    state[34] = max(-1.0, min(1.0, math.log10(float(mean.square().mean().sqrt()) + 1e-8) / 2))
+    state[34] = math.log10(float(mean.square().mean().sqrt()) + 1e-8) / 2
     state[35] = math.log2(max(tokens, 1)) / 8
     state[39] = (math.log2(width) - 10) / 2
     if neg:
@@ -184,15 +205,15 @@ def state_from_conditioning(positive: Any, negative: Any, latent_shape: Any, cfg
     state[62] = math.log2(len(pos)) / 3
     state[63] = float(any(set(o) - _BASE_KEYS for _, o in pos))
     _setup_slots(state, latent_shape, cfg, denoise, model_family, priority, source)
-    return state.clamp(-1.0, 1.0).float()
+    return soft(state).float()
 
 
 def analytic_prompt_statistics(model: Any, cond: int) -> list[float]:
-    """Seven scaled prompt-difficulty statistics of an analytic prompt (slots 40-46).
+    """Seven raw prompt-difficulty statistics of an analytic prompt (slots 40-46).
 
     Knobs of the :class:`PromptSpec` (modes, separation, scale, spread, anisotropy), the smallest
     component std ``log10(min std) / 2`` (fine detail that needs small final steps) and the
-    guidance gap ``tanh(rms(E_c[x0] - E_u[x0]) / data_rms)`` (how strongly cfg bends the ODE).
+    guidance gap ``rms(E_c[x0] - E_u[x0]) / data_rms`` (how strongly cfg bends the ODE).
     """
     spec = model.prompts[cond]
     cond_mix, uncond_mix = model.cond_mixtures[cond], model.uncond_mixture
@@ -206,7 +227,7 @@ def analytic_prompt_statistics(model: Any, cond: int) -> list[float]:
         2 * spec.scale_spread - 1,
         2 * math.log(spec.anisotropy) / math.log(30) - 1,
         math.log10(float(cond_mix.stds.min())) / 2,
-        math.tanh(gap),
+        gap,
     ]
 
 
@@ -226,7 +247,7 @@ def state_from_analytic(model: Any, cond: int, cfg: float, batch: int, priority:
     state[PROMPT_STAT_SLOTS] = torch.tensor(analytic_prompt_statistics(model, cond), dtype=torch.float64)
     state[ANALYTIC_FLAG_SLOT] = 1.0
     _setup_slots(state, (batch, *model.shape), cfg, denoise, "eps", priority, source)
-    return state.clamp(-1.0, 1.0).float()
+    return soft(state).float()
 
 
 def with_priority(state: Tensor, priority: float) -> Tensor:

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..experts.base import DESCRIPTOR_DIM, ExpertDescriptor
+from ..experts.base import DESCRIPTOR_DIM, ExpertDescriptor, features_of
 from .features import FEATURE_VERSION, PRIORITY_SLOT, SOURCE_SLOTS, STATE_DIM
 from .policy import Selection, choose
 
@@ -133,7 +133,7 @@ class Router:
     def predict(self, state: Tensor, experts: Sequence[Any]) -> tuple[Tensor, Tensor]:
         """Predicted quality and cost of each expert for one state [64] -> ([N], [N])."""
         state = _check_state(state)
-        features = torch.stack([_descriptor_of(e).to_features() for e in experts])
+        features = features_of([_descriptor_of(e) for e in experts])
         return self.scorer(state.expand(len(experts), -1), features)
 
     def select(self, state: Tensor, experts: Sequence[Any], priority: float = 0.5, temperature: float = 0.0,

@@ -26,14 +26,14 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..experts.base import Expert
-from .environment import AnalyticContext, AnalyticEnvironment, Outcome
+from ..experts.base import Expert, features_of
+from .environment import Environment, Outcome
 from .features import FEATURE_VERSION, STATE_DIM
 from .model import Router, RouterLoadError, read_safetensors
 from .policy import cost_from_nfe, lambda_from_priority
@@ -45,23 +45,7 @@ CHECKPOINT_FORMAT = "moe_sampler.trainer_checkpoint"
 _BUFFER_KEYS = ("state", "descriptor", "quality", "cost", "weight")
 _HISTORY_KEYS = ("reward", "oracle_reward", "loss", "priority", "pick")
 
-__all__ = ["AnalyticContext", "AnalyticEnvironment", "Environment", "MoERLTrainer", "Outcome", "TrainingResult"]
-
-
-class Environment(Protocol):
-    """Where training contexts come from and how experts are scored on them.
-
-    ``sample_context(rng)`` draws a context with the given ``random.Random`` only (so training
-    is reproducible); ``state(context, priority)`` is its [64] state; ``evaluate(context,
-    experts)`` runs a high-accuracy reference once from the context's noise, then each expert
-    from the same noise, and returns one :class:`Outcome` per expert, in order.
-    """
-
-    def sample_context(self, rng: random.Random) -> Any: ...
-
-    def state(self, context: Any, priority: float) -> Tensor: ...
-
-    def evaluate(self, context: Any, experts: Sequence[Expert]) -> list[Outcome]: ...
+__all__ = ["MoERLTrainer", "TrainingResult"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +67,8 @@ class MoERLTrainer:
     """Trains a :class:`Router` on an :class:`Environment` over a pool of experts.
 
     Args:
-        environment: an :class:`Environment` (e.g. :class:`AnalyticEnvironment`).
+        environment: an :class:`~.environment.Environment` (e.g. ``AnalyticEnvironment``,
+            ``DenoiserEnvironment``).
         router: the router to train in place (``Router.default()`` when None).
         experts: the pool (``default_pool()`` when None).
         mode: ``"sweep"`` or ``"bandit"``.
@@ -92,22 +77,15 @@ class MoERLTrainer:
         temperature: exploration temperature of bandit picks.
         propensity_clip: largest importance weight ``1 / propensity``.
 
-    The original API ``MoERLTrainer(mdp, reward_func, selector, state_dim=64)`` is accepted
-    too: ``reward_func(outcome, priority) -> float`` then replaces the reported reward.
+    The original API's ``MoERLTrainer(mdp, reward_func, selector, state_dim=64)`` is
+    :class:`moe_sampler.router.compat.MoERLTrainer`, a subclass.
     """
 
-    def __init__(self, environment: Any, router: Any = None, experts: Any = None, *, mode: str = "sweep",
-                 seed: int = 0, checkpoint_path: str | os.PathLike | None = None, learning_rate: float = 3e-3,
-                 temperature: float = 0.1, propensity_clip: float = 10.0, updates_per_episode: int = 4,
-                 batch_size: int = 64, buffer_size: int = 20_000, checkpoint_every: int = 10,
-                 state_dim: int = STATE_DIM) -> None:
-        self.reward_func: Callable[[Outcome, float], float] | None = None
-        if hasattr(experts, "select_expert_moe"):  # original API: (mdp, reward_func, selector)
-            selector, self.reward_func = experts, router
-            router, experts = selector.router, selector.experts
-            environment = environment if environment is not None else selector.environment()
-        if state_dim != STATE_DIM:
-            raise ValueError(f"state_dim must be {STATE_DIM} (router.features.STATE_DIM), got {state_dim}")
+    def __init__(self, environment: Environment, router: Router | None = None, experts: Sequence[Expert] | None = None,
+                 *, mode: str = "sweep", seed: int = 0, checkpoint_path: str | os.PathLike | None = None,
+                 learning_rate: float = 3e-3, temperature: float = 0.1, propensity_clip: float = 10.0,
+                 updates_per_episode: int = 4, batch_size: int = 64, buffer_size: int = 20_000,
+                 checkpoint_every: int = 10) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not (temperature >= 0 and propensity_clip >= 1 and updates_per_episode >= 0 and batch_size >= 1):
@@ -138,7 +116,7 @@ class MoERLTrainer:
     @property
     def descriptors(self) -> Tensor:
         """Descriptor features of the pool, [n_experts, 16]."""
-        return torch.stack([e.descriptor.to_features() for e in self.experts])
+        return features_of(self.experts)
 
     def train(self, episodes: int, progress: Callable[[int, int, dict], None] | None = None,
               should_stop: Callable[[], bool] | None = None) -> TrainingResult:
@@ -160,18 +138,13 @@ class MoERLTrainer:
             self.save_checkpoint(self.checkpoint_path)
         return self.result(stopped)
 
-    def train_moe(self, num_episodes: int = 1000) -> TrainingResult:
-        """Original API: train ``num_episodes`` more episodes."""
-        return self.train(self.episode + num_episodes)
-
     def result(self, stopped: bool = False) -> TrainingResult:
         rewards, oracle, losses = (tuple(self.history[k]) for k in ("reward", "oracle_reward", "loss"))
         return TrainingResult(self.episode, stopped, rewards, oracle, losses)
 
     def reward(self, outcome: Outcome, priority: float) -> float:
-        """``quality - lambda(priority) * cost`` (or the original API's ``reward_func``)."""
-        if self.reward_func is not None:
-            return float(self.reward_func(outcome, priority))
+        """``quality - lambda(priority) * cost`` of a run (the reported reward; the scorer
+        learns quality and cost separately)."""
         return outcome.quality - lambda_from_priority(priority) * cost_from_nfe(outcome.nfe)
 
     def _run_episode(self) -> dict:

@@ -1,5 +1,7 @@
-"""AnalyticEnvironment: reproducible contexts, disjoint splits, and outcomes measured against
-the exact reference."""
+"""The environments: AnalyticEnvironment's reproducible contexts, disjoint splits and outcomes
+measured against the exact reference; the generic DenoiserEnvironment giving the same outcomes
+on the analytic model, sharing img2img references on a start grid, and training a router on
+any cond/uncond denoiser."""
 
 from __future__ import annotations
 
@@ -7,10 +9,18 @@ import dataclasses
 import math
 import random
 
+import pytest
 import torch
 
 from moe_sampler.experts import get_expert
-from moe_sampler.router.environment import AnalyticEnvironment, Conditions
+from moe_sampler.experts.analytic import REFERENCE_SIGMA_END
+from moe_sampler.router.environment import (
+    AnalyticEnvironment,
+    Conditions,
+    DenoiserEnvironment,
+    DormandPrince,
+    PromptContexts,
+)
 from moe_sampler.router.features import STATE_DIM
 
 SMALL = Conditions(shapes=((64,),), img2img_fraction=0.5)
@@ -26,7 +36,7 @@ def test_contexts_are_reproducible_and_splits_differ():
     assert a.sample_context(random.Random(1)) == b.sample_context(random.Random(1))
     assert any(c.denoise < 1 for c in a.contexts) and any(c.cfg > 1 for c in a.contexts)
     state = a.state(a.contexts[0], priority=0.25)
-    assert state.shape == (STATE_DIM,) and state.abs().max() <= 1
+    assert state.shape == (STATE_DIM,) and state.abs().max() < 2
 
 
 def test_outcomes_follow_the_reference_and_are_cached():
@@ -58,3 +68,118 @@ def test_img2img_starts_from_a_noised_data_sample():
     x, reference = env.start(context, 2.0)
     noise_only = env.models[0].initial_noise(1, context.seed, 2.0)
     assert not torch.allclose(x, noise_only) and reference.shape == x.shape
+
+
+# ------------------------------------------------------------------ the generic core, on any denoiser
+
+
+class AnalyticSource:
+    """The few lines a user writes to put a denoiser into the generic environment: here the
+    analytic model's prompts, cfg, seeds and img2img starts, with the analytic context type."""
+
+    def __init__(self, env: AnalyticEnvironment) -> None:
+        self.env = env
+
+    def sample_context(self, rng):
+        return self.env.sample_context(rng)
+
+    def state(self, context, priority):
+        return self.env.state(context, priority)
+
+    def latent_shape(self, context):
+        return (context.batch, *self.env.models[context.model_index].shape)
+
+    def extra_args(self, context):
+        return {"cond": context.cond, "cfg": context.cfg}
+
+    def clean_latent(self, context):
+        if context.denoise >= 1:
+            return None
+        g = torch.Generator().manual_seed(context.seed + 1)
+        return self.env.models[context.model_index].cond_mixtures[context.cond].sample(context.batch, g)
+
+    def relative_error(self, context, x, reference):
+        return self.env.models[context.model_index].relative_error(x, reference, cond=context.cond)
+
+
+def test_the_generic_environment_gives_the_analytic_environments_outcomes():
+    """Same contexts, same seeds: a DenoiserEnvironment on one analytic model (with a user-written
+    source and the Dormand-Prince reference) measures exactly what AnalyticEnvironment does,
+    img2img included."""
+    analytic = AnalyticEnvironment("heldout", seed=4, n_models=1, conditions=SMALL, pool_size=6)
+    assert any(c.denoise < 1 for c in analytic.contexts) and any(c.denoise == 1 for c in analytic.contexts)
+    generic = DenoiserEnvironment(analytic.models[0], AnalyticSource(analytic),
+                                  DormandPrince(analytic.rtol, sigma_end=REFERENCE_SIGMA_END))
+    pool = [get_expert("SpeedDemon"), get_expert("BalancedMaster"), get_expert("NoiseAdaptive")]
+    for context in analytic.contexts:
+        assert torch.equal(generic.state(context, 0.3), analytic.state(context, 0.3))
+        a, b = analytic.evaluate(context, pool), generic.evaluate(context, pool)
+        assert [(o.relative_error, o.quality, o.nfe, o.success) for o in a] == \
+               [(o.relative_error, o.quality, o.nfe, o.success) for o in b]
+    assert generic.calls == analytic.calls and generic.calls["reference"] > 0
+
+
+def test_references_are_counted_and_a_start_grid_shares_them():
+    context = dataclasses.replace(AnalyticEnvironment("train", seed=0, n_models=1, conditions=SMALL)
+                                  .sample_context(random.Random(0)), denoise=0.5)
+    pool = [get_expert(name) for name in ("SpeedDemon", "BalancedMaster", "QualityMaster", "EarlyStopper")]
+    exact = AnalyticEnvironment("train", seed=0, n_models=1, conditions=SMALL, start_grid=None)
+    shared = AnalyticEnvironment("train", seed=0, n_models=1, conditions=SMALL, start_grid=4)
+    exact.evaluate(context, pool)
+    outcomes = shared.evaluate(context, pool)
+    starts = {float(shared.expert_sigmas(context, e)[0]) for e in pool}
+    assert len(exact._references) == len({float(e.sigmas(exact.schedule_for(context), 0.5)[0]) for e in pool}) > 1
+    assert len(shared._references) == len(starts) < len(exact._references)
+    assert all(abs(math.log10(s) * 4 - round(math.log10(s) * 4)) < 1e-5 for s in starts)  # on the grid (float32)
+    assert shared.calls["reference"] < exact.calls["reference"]
+    assert shared.calls["experts"] == sum(o.nfe for o in outcomes)
+    assert 0 < shared.reference_share < exact.reference_share < 1
+    # Text-to-image starts are never moved.
+    t2i = dataclasses.replace(context, denoise=1.0)
+    assert torch.equal(shared.expert_sigmas(t2i, pool[0]), pool[0].sigmas(shared.schedule_for(t2i)))
+
+
+def _embedding_denoiser():
+    """A denoiser that takes cond/uncond embeddings: a Gaussian data model whose mean is a fixed
+    projection of the mean embedding, with classifier-free guidance."""
+    g = torch.Generator().manual_seed(0)
+    projection = torch.randn(16, 2 * 6 * 6, generator=g) * 0.3
+
+    def denoiser(x, sigma, cond=None, uncond=None, cfg=1.0, **_):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+
+        def d(c):
+            mean = (c.mean(dim=(0, 1)).to(x.dtype) @ projection.to(x.dtype)).reshape(1, 2, 6, 6)
+            return (x + sigma ** 2 * mean) / (1 + sigma ** 2)
+
+        out = d(cond)
+        return out if uncond is None or cfg == 1.0 else d(uncond) + cfg * (out - d(uncond))
+
+    return denoiser
+
+
+def test_prompt_contexts_train_a_router_on_any_denoiser():
+    from moe_sampler.experts.base import ModelSchedule
+    from moe_sampler.router.model import Router
+    from moe_sampler.router.trainer import MoERLTrainer
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(1, 5, 16, generator=g) for _ in range(3)]
+    images = torch.randn(4, 2, 6, 6, generator=g)
+    source = PromptContexts(prompts, torch.zeros(1, 5, 16), (2, 6, 6), cfgs=(1.0, 4.0), img2img_fraction=0.5,
+                            images=images)
+    env = DenoiserEnvironment(_embedding_denoiser(), source, schedule=ModelSchedule(0.03, 14.6), start_grid=10)
+    rng = random.Random(0)
+    contexts = [env.sample_context(rng) for _ in range(6)]
+    assert any(c.denoise < 1 for c in contexts) and any(c.denoise == 1 for c in contexts)
+    state = env.state(contexts[0], 0.5)
+    assert state.shape == (STATE_DIM,) and state[50] == 2 / 16 and state[38] == 1.0  # 2 channels, has negative
+    outcomes = env.evaluate(contexts[0], [get_expert("SpeedDemon"), get_expert("QualityMaster")])
+    assert all(o.success for o in outcomes) and outcomes[1].relative_error < outcomes[0].relative_error
+    result = MoERLTrainer(env, Router.default(), [get_expert("SpeedDemon"), get_expert("BalancedMaster")],
+                          seed=0).train(3)
+    assert result.episodes == 3 and all(math.isfinite(r) for r in result.rewards)
+    with pytest.raises(ValueError, match="images"):
+        PromptContexts(prompts, None, (2, 6, 6), img2img_fraction=0.5)
+    with pytest.raises(ValueError, match="state_conditioning"):
+        PromptContexts([0, 1], None, (2, 6, 6))  # labels need the tensors the state reads

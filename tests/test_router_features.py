@@ -1,5 +1,6 @@
-"""The 64-value state: any conditioning width fits, every slot is scaled, it is deterministic
-across processes, and bad inputs get clear errors."""
+"""The 64-value state: any conditioning width fits, every slot is scaled and keeps values beyond
+its range distinct and ordered, it is deterministic across processes, and bad inputs get clear
+errors."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from moe_sampler.router.features import (
     PRIORITY_SLOT,
     PROMPT_STAT_SLOTS,
     STATE_DIM,
+    soft,
     state_from_analytic,
     state_from_conditioning,
     with_priority,
@@ -39,7 +41,7 @@ def test_any_width_gives_a_bounded_64_value_state(width, pooled, latent, family)
     state = state_from_conditioning(conditioning(width, pooled=pooled), conditioning(width, seed=1), latent,
                                     cfg=7.0, denoise=1.0, model_family=family, priority=0.5)
     assert state.shape == (STATE_DIM,) and state.dtype == torch.float32
-    assert torch.isfinite(state).all() and state.abs().max() <= 1.0
+    assert torch.isfinite(state).all() and state.abs().max() < 2.0
     assert state[:20].abs().sum() > 1.0  # the projection carries the conditioning
     assert (state[20:28].abs().sum() > 0) == (pooled is not None)
     again = state_from_conditioning(conditioning(width, pooled=pooled), conditioning(width, seed=1), latent,
@@ -86,6 +88,57 @@ def test_analytic_state_sees_prompt_difficulty():
     assert hard[PROMPT_STAT_SLOTS][4] > easy[PROMPT_STAT_SLOTS][4]
     assert easy.abs().max() <= 1.0 and easy[PRIORITY_SLOT] == pytest.approx(-0.6)
     assert with_priority(easy, 1.0)[PRIORITY_SLOT] == 1.0
+
+
+def test_soft_scaling_is_the_identity_inside_and_strictly_increasing_beyond():
+    z = torch.tensor([-1e6, -100.0, -3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 3.0, 100.0, 1e3, 1e5], dtype=torch.float64)
+    out = soft(z)
+    assert torch.equal(out[3:8], z[3:8])
+    assert (out.diff() > 0).all() and out.abs().max() < 2.0
+    assert (soft(z.float()).diff() > 0).all()  # distinct in float32 too, up to 1e6
+
+
+def _slots(**setup):
+    args = dict(latent_shape=(1, 4, 64, 64), cfg=7.0, denoise=1.0, model_family="eps", priority=0.5)
+    args.update(setup)
+    return state_from_conditioning(conditioning(768), None, **args)
+
+
+@pytest.mark.parametrize("setting, values, slots", [
+    ("cfg", [12.0, 16.0, 20.0, 30.0, 50.0, 100.0], [53, 54]),  # version 1 clamped cfg > 12 (slot 54)
+    ("latent_shape", [(1, 16, 128, 128), (1, 32, 128, 128), (1, 64, 128, 128), (1, 128, 128, 128)], [50]),
+    ("latent_shape", [(1, 4, 256, 256), (1, 4, 512, 512), (1, 4, 1024, 1024)], [48]),  # > 2^18 elements
+    ("latent_shape", [(1, 4, 64, 256), (1, 4, 64, 512), (1, 4, 64, 2048)], [49]),  # aspect beyond 4:1
+    ("latent_shape", [(16, 4, 64, 64), (64, 4, 64, 64), (256, 4, 64, 64)], [52]),  # batch beyond 16
+])
+def test_values_beyond_the_old_clamp_stay_distinct_and_ordered(setting, values, slots):
+    states = torch.stack([_slots(**{setting: v}) for v in values])
+    for slot in slots:
+        column = states[:, slot]
+        assert (column.diff() > 0).all(), f"slot {slot}: {column.tolist()}"
+        assert column.abs().max() < 2.0
+    assert states[-1, slots[0]] > 1.0  # beyond the range, where version 1 said 1.0
+
+
+def test_conditioning_beyond_the_range_stays_distinct():
+    base = conditioning(4096, tokens=256)
+    long = [[torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(0)), {}]]
+    wide = [[torch.randn(1, 77, 8192, generator=torch.Generator().manual_seed(0)), {}]]
+    loud = [[base[0][0] * 1e4, {}]]
+    a, b, c, d = (state_from_conditioning(p, None, (1, 4, 64, 64), 7.0, 1.0, "eps", 0.5)
+                  for p in (base, long, wide, loud))
+    assert 1.0 == a[35] < b[35] < 2.0  # 256 -> 512 tokens (T5's), clamped to 1 in version 1
+    assert 1.0 == a[39] < c[39] < 2.0  # width 4096 -> 8192
+    assert 1.0 < d[34] < 2.0 and d[34] > a[34]  # rms 1 -> 1e4
+
+
+def test_analytic_prompt_statistics_beyond_the_range_stay_distinct():
+    specs = [PromptSpec(seed=1, n_modes=16, anisotropy=30.0), PromptSpec(seed=1, n_modes=64, anisotropy=100.0),
+             PromptSpec(seed=1, n_modes=256, anisotropy=1000.0)]
+    model = AnalyticModel(specs)
+    states = torch.stack([state_from_analytic(model, i, cfg=3.0, batch=1, priority=0.5) for i in range(3)])
+    modes, anisotropy = states[:, PROMPT_STAT_SLOTS.start], states[:, PROMPT_STAT_SLOTS.start + 4]
+    assert (modes.diff() > 0).all() and (anisotropy.diff() > 0).all() and anisotropy.max() < 2.0
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -161,5 +161,5 @@ def test_invalid_trainer_arguments():
         MoERLTrainer(SyntheticEnvironment(), Router.default(), POOL, mode="online")
     with pytest.raises(ValueError, match="expert pool is empty"):
         MoERLTrainer(SyntheticEnvironment(), Router.default(), [])
-    with pytest.raises(ValueError, match="state_dim must be 64"):
-        MoERLTrainer(SyntheticEnvironment(), Router.default(), POOL, state_dim=32)
+    with pytest.raises(TypeError, match="state_dim"):  # one signature: the original API's is in router.compat
+        MoERLTrainer(SyntheticEnvironment(), Router.default(), POOL, state_dim=64)

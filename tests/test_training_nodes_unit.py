@@ -239,7 +239,9 @@ def test_environment_runs_the_reference_once_and_each_expert_once_per_context(fa
     assert first == again
     assert [name for name, _ in fake_bridge.calls] == ["Reference", *EXPERTS]
     assert [r.expert for r in runs] == list(EXPERTS)
-    assert all(r.priority == 0.25 and r.state is state and r.context == context and r.success for r in runs)
+    # Reports carry the state at the environment's report priority (0.5 here), whatever was asked before.
+    assert all(r.priority == 0.5 and torch.equal(r.state, env.state(context, 0.5)) and r.context == context
+               and r.success for r in runs)
     assert [o.expert for o in first] == list(EXPERTS)
     # Deterministic experts converge to the reference: more steps, higher order, closer.
     quality = {o.expert: o.quality for o in first}
@@ -293,3 +295,88 @@ def test_trainer_learns_and_resumes_on_the_environment(fake_bridge, tmp_path):
     straight = MoERLTrainer(_environment(fake_bridge), None, experts, mode="sweep", seed=0).train(6)
     assert done.episodes == 6 and done.rewards == straight.rewards
     assert all(math.isfinite(r) for r in done.rewards + done.oracle_rewards)
+
+
+def test_reports_do_not_depend_on_what_was_asked_before(fake_bridge):
+    """A run's report carries the state at the node's priority even when ``state`` was never called,
+    or was last called for another context or priority (no call-order dependence)."""
+    runs = []
+    contexts = environment_module.training_contexts(2, [(16, 16)], [3.0], 2)
+    env = ComfyEnvironment(fake_bridge.model, FakeClip(), ["a cat", "a dog"], "blurry", contexts, 60,
+                           on_run=runs.append, priority=0.8)
+    env.state(env.contexts[-1], 0.1)  # another context, another priority
+    env.evaluate(env.contexts[0], [get_expert("SpeedDemon")])
+    assert runs[0].priority == 0.8 and torch.equal(runs[0].state, env.state(env.contexts[0], 0.8))
+
+
+# ------------------------------------------------------------------ the latent shape, from the model
+
+
+class LatentFormat:
+    """Stands for a ComfyUI latent_format (``comfy.latent_formats.SD3`` and co.)."""
+
+    def __init__(self, channels: int, dimensions: int = 2) -> None:
+        self.latent_channels, self.latent_dimensions = channels, dimensions
+
+
+class SD3(LatentFormat):
+    def __init__(self) -> None:
+        super().__init__(16)
+
+
+class Flux2(LatentFormat):
+    def __init__(self) -> None:
+        super().__init__(128)
+
+
+class StubModel:
+    """A MODEL whose only ComfyUI trait is ``get_model_object("latent_format")``."""
+
+    def __init__(self, latent_format) -> None:
+        self.latent_format = latent_format
+
+    def get_model_object(self, name):
+        assert name == "latent_format"
+        return self.latent_format
+
+
+def test_latent_layout_and_the_sampled_shape_follow_the_model():
+    shape, empty = environment_module.sampled_latent_shape, environment_module.empty_latent
+    sd3, flux2, video = StubModel(SD3()), StubModel(Flux2()), StubModel(LatentFormat(16, 3))
+    assert environment_module.latent_layout(sd3) == (16, 2, 8)
+    assert environment_module.latent_layout(flux2) == (128, 2, 16)
+    assert environment_module.latent_layout(object()) == (4, 2, 8)  # no latent_format: SD1.5's
+    assert empty(sd3, 512, 768)["samples"].shape == (1, 16, 96, 64)
+    assert empty(flux2, 512, 768)["samples"].shape == (1, 128, 48, 32)
+    # An empty 4-channel latent (core's Empty Latent Image) is sampled with the model's channels,
+    # a filled one (VAE Encode of another model) as it is; an image latent on a video model gets a time axis.
+    assert shape(sd3, torch.zeros(2, 4, 64, 64)) == (2, 16, 64, 64)
+    assert shape(sd3, torch.ones(1, 4, 64, 64)) == (1, 4, 64, 64)
+    assert shape(video, torch.zeros(1, 16, 64, 64)) == (1, 16, 1, 64, 64)
+
+
+@pytest.mark.parametrize("user_latent", [torch.zeros(1, 16, 96, 64), torch.zeros(1, 4, 96, 64)],
+                         ids=["EmptySD3LatentImage", "EmptyLatentImage"])
+def test_training_state_is_the_sampling_state_on_a_16_channel_model(fake_bridge, user_latent):
+    """Issue 11: for SD3/Flux the training state used to say 4 channels. The training
+    environment and the sampler node now take the latent shape from one helper, so the state
+    the trainer learns from is the state the sampler computes for the same generation (the
+    real sampler node is checked in tests/test_comfy_latent_shape.py)."""
+    from moe_sampler.router.features import SOURCE_SLOTS, state_from_conditioning
+
+    model = StubModel(SD3())
+    contexts = environment_module.training_contexts(1, [(512, 768)], [4.5], 1)
+    env = ComfyEnvironment(model, FakeClip(), ["a cat"], "blurry", contexts)
+    context = env.contexts[0]
+    training = env.state(context, 0.7)
+    # What sampler_nodes.run_adaptive computes for this generation (the user's latent, interactive).
+    sampling = state_from_conditioning(env.conditioning(0), env.conditioning(None),
+                                       environment_module.sampled_latent_shape(model, user_latent), 4.5, 1.0, "eps",
+                                       0.7, "interactive")
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[SOURCE_SLOTS] = False  # the source one-hot says training vs interactive; the scorer ignores it
+    assert torch.equal(training[keep], sampling[keep])
+    assert training[50] == 1.0  # 16 channels / 16
+    four_channel = state_from_conditioning(env.conditioning(0), env.conditioning(None), (1, 4, 96, 64), 4.5, 1.0,
+                                           "eps", 0.7, "training")
+    assert not torch.equal(training, four_channel)  # what training used to see

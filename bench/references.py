@@ -1,0 +1,178 @@
+"""How accurate and how expensive are the references that grade the experts?
+
+    OMP_NUM_THREADS=1 python -m bench.references [--contexts 40] [--seed 0]
+
+On a fixed set of held-out analytic contexts (``VARIED_CONDITIONS``, a third of them img2img),
+for several reference settings (Dormand-Prince tolerance ``rtol``; ``start_grid``: img2img
+start sigmas snapped to a shared log grid with that many points per decade, so experts that
+start at the same grid sigma share one reference):
+
+- the share of all model calls spent on references (the rest are the experts' runs);
+- how far the outcomes move against the first setting (mean and largest change of quality,
+  and the share of contexts whose best expert at priority 0.5 changes);
+- the reference's own error: against a Dormand-Prince solve at rtol 1e-10 from the same start,
+  as a ratio to the best expert's error on that context (what "10x below the best expert"
+  means), with the expert error also floored at 1e-3, where the quality score saturates.
+
+The ComfyUI training node's reference (DPM-Solver++(3M), Karras, 100 steps) is measured the same
+way on the same contexts, as an expert of the pool's family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec("moe_sampler") is None:  # a plain clone, not pip-installed
+    _spec = importlib.util.spec_from_file_location("moe_sampler", ROOT / "__init__.py",
+                                                   submodule_search_locations=[str(ROOT)])
+    sys.modules["moe_sampler"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["moe_sampler"])
+
+from moe_sampler.experts import default_pool, get_expert  # noqa: E402
+from moe_sampler.experts.analytic import REFERENCE_SIGMA_END  # noqa: E402
+from moe_sampler.router.environment import VARIED_CONDITIONS, AnalyticEnvironment, DormandPrince  # noqa: E402
+from moe_sampler.router.policy import lambda_from_priority  # noqa: E402
+
+SETTINGS = (  # (rtol, start_grid): the first is the setting before this change
+    (1e-6, None),
+    (1e-6, 20),
+    (1e-6, 10),
+    (1e-5, None),
+    (1e-5, 20),
+    (1e-5, 10),
+    (1e-4, 10),
+)
+_TIGHT: dict = {}  # (context, start sigma) -> the tight solution
+TIGHT_RTOL = 1e-10
+
+
+def comfy_reference_expert(steps: int = 100):
+    """The ComfyUI training node's reference: QualityMaster's 3M on Karras with ``steps`` steps."""
+    base = get_expert("QualityMaster")
+    return dataclasses.replace(base, descriptor=dataclasses.replace(base.descriptor, name="Reference3M",
+                                                                    steps=steps, max_nfe=0))
+
+
+def run_setting(rtol: float, grid: int | None, n: int, seed: int, pool) -> tuple[AnalyticEnvironment, np.ndarray,
+                                                                                    np.ndarray, np.ndarray, float]:
+    env = AnalyticEnvironment("heldout", seed=seed, n_models=40, pool_size=n, conditions=VARIED_CONDITIONS,
+                              rtol=rtol, start_grid=grid)
+    start = time.perf_counter()
+    rows = [env.evaluate(c, pool) for c in env.contexts]
+    seconds = time.perf_counter() - start
+    quality = np.array([[o.quality for o in r] for r in rows])
+    error = np.array([[o.relative_error for o in r] for r in rows])
+    nfe = np.array([[o.nfe for o in r] for r in rows])
+    return env, quality, error, nfe, seconds
+
+
+def reference_errors(env: AnalyticEnvironment, pool) -> list[float]:
+    """Per context: the largest error of its references (over its start sigmas) against a tight
+    solve from the same start."""
+    tight = DormandPrince(TIGHT_RTOL, sigma_end=REFERENCE_SIGMA_END)
+    errors = []
+    for context in env.contexts:
+        model, args, schedule = env.model_for(context), env.extra_args(context), env.schedule_for(context)
+        worst = 0.0
+        for sigma in sorted({float(env.expert_sigmas(context, e)[0]) for e in pool}):
+            x, reference = env.start(context, sigma)
+            key = (context, round(sigma, 6))
+            if key not in _TIGHT:
+                _TIGHT[key] = tight(model, x, sigma, args, schedule)
+            exact = _TIGHT[key]
+            worst = max(worst, float(env.relative_error(context, reference, exact).mean()))
+        errors.append(worst)
+    return errors
+
+
+def comfy_reference_errors(env: AnalyticEnvironment, pool, reference_expert) -> tuple[list[float], list[float]]:
+    """Text-to-image contexts (what the ComfyUI node trains on): the best expert's error and the
+    node's reference's error, both against a tight solve to the schedule's last sigma, where
+    every expert (and that reference) ends with its final denoising step."""
+    tight = DormandPrince(TIGHT_RTOL)  # sigma_end None: the model's sigma_min
+    best, ref = [], []
+    for context in env.contexts:
+        if context.denoise < 1:
+            continue
+        model, args, schedule = env.model_for(context), env.extra_args(context), env.schedule_for(context)
+        sigma = float(reference_expert.sigmas(schedule)[0])
+        x = env.initial_latent(context, sigma)
+        exact = tight(model, x, sigma, args, schedule)
+        errors = []
+        for expert in (*pool, reference_expert):
+            sigmas = expert.sigmas(schedule)
+            assert float(sigmas[0]) == sigma  # text-to-image: every expert starts at sigma_max
+            out, _ = expert.run(model, x.clone(), sigmas, extra_args=args)
+            errors.append(float(env.relative_error(context, out, exact).mean()))
+        best.append(min(errors[:-1]))
+        ref.append(errors[-1])
+    return best, ref
+
+
+def ratio_summary(best: np.ndarray, ref: np.ndarray) -> str:
+    ratio = best / np.maximum(ref, 1e-300)
+    floored = np.maximum(best, 1e-3) / np.maximum(ref, 1e-300)
+    return (f"best expert / reference error: median {np.median(ratio):.3g}, min {ratio.min():.3g}, "
+            f">= 10x on {np.mean(ratio >= 10):.0%} of contexts; with the expert error floored at 1e-3: "
+            f"min {floored.min():.3g}, >= 10x on {np.mean(floored >= 10):.0%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the tight reference solves")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pool = default_pool()
+    lam = lambda_from_priority(0.5)
+    base = None
+    print(f"{args.contexts} held-out analytic contexts (varied conditions, seed {args.seed}), pool: "
+          f"{', '.join(e.name for e in pool)}")
+    print(f"{'rtol':>7} {'grid':>5} {'ref calls':>9} {'expert calls':>12} {'ref share':>9} {'img2img refs/ctx':>16} "
+          f"{'mean |dq|':>9} {'max |dq|':>8} {'best@0.5 moved':>14} {'seconds':>8}")
+    envs = {}
+    for rtol, grid in SETTINGS:
+        env, quality, error, nfe, seconds = run_setting(rtol, grid, args.contexts, args.seed, pool)
+        envs[(rtol, grid)] = (env, error)
+        img2img = [c for c in env.contexts if c.denoise < 1]
+        refs_per = (sum(1 for key in env._references if key[0].denoise < 1) / len(img2img)) if img2img else math.nan
+        utility = quality - lam * np.log2(np.maximum(nfe, 1)) / 10
+        if base is None:
+            base = (quality, utility.argmax(1))
+        dq = np.abs(quality - base[0])
+        moved = np.mean(utility.argmax(1) != base[1])
+        print(f"{rtol:>7.0e} {str(grid):>5} {env.calls['reference']:>9} {env.calls['experts']:>12} "
+              f"{env.reference_share:>9.1%} {refs_per:>16.2f} {dq.mean():>9.4f} {dq.max():>8.4f} {moved:>14.1%} "
+              f"{seconds:>8.1f}")
+    if args.no_accuracy:
+        return
+    print(f"\nReference accuracy against Dormand-Prince at rtol {TIGHT_RTOL:g} from the same start "
+          f"(relative error, units of the prompt's data rms):")
+    for rtol, grid in SETTINGS:
+        env, error = envs[(rtol, grid)]
+        best = np.nanmin(np.where(np.isfinite(error), error, np.nan), axis=1)
+        ref = np.array(reference_errors(env, pool))
+        print(f"  Dormand-Prince rtol {rtol:g}, grid {grid}: reference error median {np.median(ref):.2e}, "
+              f"max {ref.max():.2e}; best expert error median {np.median(best):.2e}, min {best.min():.2e}")
+        print(f"    {ratio_summary(best, ref)}")
+    env = envs[SETTINGS[0]][0]
+    best, comfy = (np.array(v) for v in comfy_reference_errors(env, pool, comfy_reference_expert()))
+    print(f"  ComfyUI node's reference (DPM-Solver++(3M), Karras, 100 steps; same family as QualityMaster), "
+          f"{len(best)} text-to-image contexts, both against a tight solve to sigma_min: reference error median "
+          f"{np.median(comfy):.2e}, max {comfy.max():.2e}; best expert median {np.median(best):.2e}")
+    print(f"    {ratio_summary(best, comfy)}")
+
+
+if __name__ == "__main__":
+    main()
