@@ -23,13 +23,13 @@ final step to 0, so a run never exceeds ``max_nfe``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .base import Denoiser
-from .dpm_solver import h_phis, multistep_update, reject_options
+from .base import Denoiser, progress_bar
+from .dpm_solver import h_phis, multistep_update
 
 DEFAULT_RTOL = 0.05
 DEFAULT_ATOL = 0.0078
@@ -61,16 +61,15 @@ def sample_noise_adaptive(
     atol: float = DEFAULT_ATOL,
     max_nfe: int = DEFAULT_MAX_NFE,
     h_init: float = DEFAULT_H_INIT,
-    **options: Any,
 ) -> Tensor:
     """Adaptive DPM-Solver-1/2 (Lu et al. 2022, arXiv 2206.00927 sec. 3.3 / 2211.01095) from
     ``sigmas[0]`` to the last nonzero sigma of ``sigmas`` (only the span is used), then to 0 if
-    ``sigmas`` ends in 0; at most ``max_nfe`` model calls, one callback per accepted step.
+    ``sigmas`` ends in 0; at most ``max_nfe`` model calls, one callback per accepted step, a
+    console progress bar over the model calls unless ``disable``.
 
-    Writes ``report["steps"]`` (accepted steps, finishing steps included), ``report["estimate"]``
+    Writes ``report["steps"]`` (accepted steps, finishing steps included), ``report["error_ratio"]``
     (mean error ratio of the accepted adaptive steps, None if none) and ``report["rejected"]``.
     """
-    reject_options("noise_adaptive", options)
     if rtol <= 0 or atol < 0 or h_init <= 0 or max_nfe < 1:
         raise ValueError(f"need rtol > 0, atol >= 0, h_init > 0, max_nfe >= 1; got {rtol}, {atol}, {h_init}, {max_nfe}")
     extra_args = {} if extra_args is None else extra_args
@@ -92,9 +91,12 @@ def sample_noise_adaptive(
     rejected = 0
     denoised: Tensor | None = None
 
+    bar = progress_bar(max_nfe, disable)
+
     def denoise(x_: Tensor, sigma_: float) -> Tensor:
         nonlocal calls
         calls += 1
+        bar.update(1)
         return model(x_, x_.new_full([x_.shape[0]], sigma_), **extra_args)
 
     def emit(x_: Tensor, sigma_: float, denoised_: Tensor) -> None:
@@ -126,17 +128,18 @@ def sample_noise_adaptive(
             factor = SAFETY * err ** (-1.0 / ERROR_ORDER)
         h = max(H_MIN, h * min(5.0, max(0.2, factor)))
 
-    x, steps = _finish(model, x, sigma, sigma_end, denoised, max_nfe - calls, to_zero, extra_args, emit, steps)
+    x, steps = _finish(denoise, x, sigma, sigma_end, denoised, max_nfe - calls, to_zero, emit, steps)
+    bar.close()
     if report is not None:
         report["steps"] = steps
-        report["estimate"] = sum(accepted_errors) / len(accepted_errors) if accepted_errors else None
+        report["error_ratio"] = sum(accepted_errors) / len(accepted_errors) if accepted_errors else None
         report["rejected"] = rejected
     return x
 
 
 def _finish(
-    model: Denoiser, x: Tensor, sigma: float, sigma_end: float, denoised: Tensor | None, budget: int,
-    to_zero: bool, extra_args: dict, emit: Callable[[Tensor, float, Tensor], None], steps: int,
+    denoise: Callable[[Tensor, float], Tensor], x: Tensor, sigma: float, sigma_end: float,
+    denoised: Tensor | None, budget: int, to_zero: bool, emit: Callable[[Tensor, float, Tensor], None], steps: int,
 ) -> tuple[Tensor, int]:
     """Cheap DPM-Solver++(2M) steps from ``sigma`` to ``sigma_end`` (then 0) in at most ``budget`` calls."""
     levels = [sigma]
@@ -151,7 +154,7 @@ def _finish(
     h_prev: list[float] = []
     for level, level_next in zip(grid[:-1], grid[1:]):
         if denoised is None:
-            denoised = model(x, x.new_full([x.shape[0]], level), **extra_args)
+            denoised = denoise(x, level)
         emit(x, level, denoised)
         steps += 1
         history = [denoised, *history][:2]

@@ -2,11 +2,13 @@
 
 An expert is a sampling loop with the k-diffusion signature
 
-    fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options) -> x
+    fn(model, x, sigmas, extra_args=None, callback=None, disable=None, report=None, **fixed) -> x
 
 where ``model(x, sigma, **extra_args)`` returns the denoised prediction, so it drops into
 ``comfy.samplers.KSAMPLER`` unchanged, plus a frozen :class:`ExpertDescriptor` that the router
-scores. Each expert also owns its step budget and sigma schedule (:meth:`Expert.sigmas`).
+scores. Each expert also owns its step budget and sigma schedule (:meth:`Expert.sigmas`) and,
+optionally, a stop rule; :meth:`Expert.__call__` runs every loop under the one step observer of
+:mod:`.observer` (stop rule and fidelity estimate, read from the per-step callback).
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from .observer import ConvergenceStop, run_observed
+
+try:  # k-diffusion's console progress bar; tqdm comes with diffusers and ComfyUI
+    from tqdm.auto import tqdm as _tqdm
+except ImportError:  # pragma: no cover - only without tqdm installed
+    _tqdm = None
 
 STOP_RULES = ("none", "converged", "error_control")
 SCHEDULES = ("karras", "exponential", "discrete", "adaptive", "other")
@@ -44,8 +53,27 @@ class SamplerFn(Protocol):
         extra_args: dict | None = None,
         callback: Callable[[dict], None] | None = None,
         disable: bool | None = None,
-        **options: Any,
+        report: dict | None = None,
     ) -> Tensor: ...
+
+
+def progress_range(steps: int, disable: bool | None) -> Iterable[int]:
+    """``range(steps)`` with a console progress bar unless ``disable``, as k-diffusion's
+    ``trange(len(sigmas) - 1, disable=disable)`` (no bar when tqdm is missing)."""
+    return range(steps) if _tqdm is None else _tqdm(range(steps), disable=disable)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, disable: bool | None) -> Any:
+    """A console progress bar with ``update(n)`` and ``close()`` for loops that are not a range."""
+    return _NoBar() if _tqdm is None else _tqdm(total=total, disable=disable)
 
 
 @dataclass(frozen=True)
@@ -138,15 +166,21 @@ class ExpertDescriptor:
 
 @dataclass(frozen=True)
 class ExpertRun:
-    """What one run cost and what the expert could measure about itself."""
+    """What one run cost and what the expert could measure about itself.
+
+    ``error_estimate``: the raw fidelity estimate of :mod:`.observer` (about the relative error
+    to the exact solution, uncalibrated; None when fewer than two steps ran);
+    ``estimate_features``: its parts, for :mod:`moe_sampler.router.calibration`.
+    """
 
     expert: str
     nfe: int
     steps: int
     seconds: float
-    estimate: float | None = None
+    error_estimate: float | None = None
     stopped_early: bool = False
     finite: bool = True
+    estimate_features: Mapping[str, float] | None = None
 
 
 SigmaFn = Callable[[ModelSchedule, int], Tensor]
@@ -154,10 +188,13 @@ SigmaFn = Callable[[ModelSchedule, int], Tensor]
 
 @dataclass(frozen=True)
 class Expert:
-    """A registered expert: descriptor, sampling loop, schedule and fixed options.
+    """A registered expert: descriptor, sampling loop, schedule, fixed options and stop rule.
 
-    Calling the expert runs its loop with the k-diffusion signature; pass ``report={}`` to
-    have it filled with ``nfe``, ``steps``, ``seconds`` and (where measured) ``estimate``.
+    Calling the expert runs its loop with the k-diffusion signature under the step observer
+    (:func:`.observer.run_observed`); pass ``report={}`` to have it filled with ``nfe``,
+    ``steps``, ``seconds``, ``stopped_early``, ``error_estimate``, ``estimate_features`` and
+    ``last_change``. ``stop``: a convergence stop applied through the callback (EarlyStopper,
+    and experts built from ComfyUI samplers with ``stop_rule="converged"``).
     """
 
     descriptor: ExpertDescriptor
@@ -165,6 +202,7 @@ class Expert:
     make_sigmas: SigmaFn
     options: Mapping[str, Any] = field(default_factory=dict)
     compat: bool = False
+    stop: ConvergenceStop | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -202,19 +240,19 @@ class Expert:
         merged = {**self.options, **options}
         if len(sigmas) < 2:
             if report is not None:
-                report.update(nfe=0, steps=0, seconds=0.0)
+                report.update(nfe=0, steps=0, seconds=0.0, stopped_early=False, error_estimate=None)
             return x
         counted = CountingDenoiser(model)
         start = time.perf_counter()
         try:
-            out = self.sampler(counted, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
-                               report=report, **merged)
+            out = run_observed(self.sampler, counted, x, sigmas, extra_args=extra_args, callback=callback,
+                               disable=disable, report=report, stop=self.stop, order=self.descriptor.order,
+                               **merged)
         finally:
             # Also when the loop raises (e.g. the user interrupts): those model calls were spent.
             if report is not None:
                 report["nfe"] = counted.calls
         if report is not None:
-            report.setdefault("steps", len(sigmas) - 1)
             report["seconds"] = time.perf_counter() - start
         return out
 
@@ -234,9 +272,10 @@ class Expert:
             nfe=int(report.get("nfe", 0)),
             steps=int(report.get("steps", 0)),
             seconds=float(report.get("seconds", 0.0)),
-            estimate=report.get("estimate"),
+            error_estimate=report.get("error_estimate"),
             stopped_early=bool(report.get("stopped_early", False)),
             finite=bool(torch.isfinite(out).all()),
+            estimate_features=report.get("estimate_features"),
         )
         return out, run
 

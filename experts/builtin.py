@@ -14,7 +14,7 @@ from .adaptive import DEFAULT_ATOL, DEFAULT_MAX_NFE, DEFAULT_RTOL, sample_noise_
 from .base import Expert, ExpertDescriptor, ModelSchedule, register
 from .ddpm import compat_experts
 from .dpm_solver import sample_dpmpp_2m, sample_dpmpp_3m
-from .early_stop import DEFAULT_MAX_SIGMA_RATIO, DEFAULT_MIN_STEPS, DEFAULT_TOL, sample_early_stop
+from .observer import ConvergenceStop
 from .schedules import karras_sigmas
 
 QUALITY_STEPS = 40
@@ -30,8 +30,8 @@ def karras_schedule(schedule: ModelSchedule, n: int) -> Tensor:
     return karras_sigmas(n, schedule.sigma_min, schedule.sigma_max)
 
 
-def _expert(sampler, make_sigmas, options=None, **descriptor) -> Expert:
-    return Expert(ExpertDescriptor(stochastic=False, **descriptor), sampler, make_sigmas, options or {})
+def _expert(sampler, make_sigmas, options=None, stop=None, **descriptor) -> Expert:
+    return Expert(ExpertDescriptor(stochastic=False, **descriptor), sampler, make_sigmas, options or {}, stop=stop)
 
 
 def builtin_experts() -> list[Expert]:
@@ -54,8 +54,7 @@ def builtin_experts() -> list[Expert]:
             description=f"DPM-Solver++(2M), {BALANCED_STEPS} Karras steps: the sensible default.",
         ),
         _expert(
-            sample_early_stop, karras_schedule,
-            dict(tol=DEFAULT_TOL, min_steps=DEFAULT_MIN_STEPS, max_sigma_ratio=DEFAULT_MAX_SIGMA_RATIO),
+            sample_dpmpp_2m, karras_schedule, stop=ConvergenceStop(),
             name="EarlyStopper", solver="dpmpp_2m", order=2.0, calls_per_step=1, steps=EARLY_STOP_STEPS,
             schedule="karras", stop_rule="converged",
             description=f"DPM-Solver++(2M) over {EARLY_STOP_STEPS} Karras steps; returns the denoised prediction "

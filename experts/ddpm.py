@@ -17,12 +17,12 @@ which is k-diffusion's Euler ancestral step with ``eta = 1``. The last step (to 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .base import Denoiser, Expert, ExpertDescriptor, ModelSchedule
+from .base import Denoiser, Expert, ExpertDescriptor, ModelSchedule, progress_range
 from .schedules import append_zero, discrete_timestep_sigmas, seeded_noise_sampler
 
 FALLBACK_TRAIN_STEPS = 1000
@@ -58,21 +58,18 @@ def sample_ddpm_ancestral(
     disable: bool | None = None,
     report: dict | None = None,
     noise_sampler: NoiseSampler | None = None,
-    **options: Any,
 ) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, eq. 6-7, "fixed_small") between consecutive sigmas.
 
     ``noise_sampler(sigma, sigma_next) -> N(0, I)`` overrides the seeded default (used by the parity
     test to drive this loop and diffusers' ``DDPMScheduler`` with identical noise).
     """
-    if options:
-        raise TypeError(f"ddpm_ancestral got unexpected options: {', '.join(sorted(options))}")
     extra_args = {} if extra_args is None else extra_args
     if noise_sampler is None:
         noise_sampler = seeded_noise_sampler(x, extra_args.get("seed"))
     s_in = x.new_ones([x.shape[0]])
     steps = len(sigmas) - 1
-    for i in range(steps):
+    for i in progress_range(steps, disable):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra_args)
         if callback is not None:

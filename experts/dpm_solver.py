@@ -17,22 +17,13 @@ prediction (``h -> inf``: the first-order update is exactly ``x0``).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .base import Denoiser
+from .base import Denoiser, progress_range
 from .schedules import phi_1, phi_2, phi_3
-
-
-def reject_options(solver: str, options: dict) -> None:
-    """Unknown options are a caller's mistake; fail loudly instead of ignoring them."""
-    if options:
-        raise TypeError(f"{solver} got unexpected options: {', '.join(sorted(options))}")
-
-
-StopRule = Callable[[int, float, float, Tensor, Tensor], bool]
 
 
 def h_phis(h: float) -> tuple[float, float, float]:
@@ -94,30 +85,22 @@ def dpmpp_multistep(
     extra_args: dict | None = None,
     callback: Callable[[dict], None] | None = None,
     report: dict | None = None,
-    stop: StopRule | None = None,
+    disable: bool | None = None,
 ) -> Tensor:
-    """The shared DPM-Solver++ multistep loop (one model call and one callback per step).
-
-    ``stop(i, sigma, sigma_prev, denoised, denoised_prev) -> bool``, if given, is asked after every
-    step's callback but the first and the last; when it answers True the loop returns that step's
-    ``denoised`` (EarlyStopper).
-    """
+    """The shared DPM-Solver++ multistep loop (one model call and one callback per step; a console
+    progress bar unless ``disable``). Stop rules act through the callback
+    (:mod:`moe_sampler.experts.observer`)."""
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     sigma_values = sigmas.tolist()
     history: list[Tensor] = []
     h_prev: list[float] = []
     steps = len(sigma_values) - 1
-    for i in range(steps):
+    for i in progress_range(steps, disable):
         sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        asked = stop is not None and history and sigma_next > 0
-        if asked and stop(i, sigma, sigma_values[i - 1], denoised, history[0]):
-            if report is not None:
-                report["steps"] = i + 1
-            return denoised.to(x.dtype)
         history = [denoised, *history][:order]
         if sigma_next == 0:
             x = denoised.to(x.dtype)
@@ -141,11 +124,9 @@ def sample_dpmpp_2m(
     callback: Callable[[dict], None] | None = None,
     disable: bool | None = None,
     report: dict | None = None,
-    **options: Any,
 ) -> Tensor:
     """DPM-Solver++(2M), deterministic (Lu et al. 2022, arXiv 2211.01095, Algorithm 2)."""
-    reject_options("dpmpp_2m", options)
-    return dpmpp_multistep(model, x, sigmas, 2, extra_args, callback, report)
+    return dpmpp_multistep(model, x, sigmas, 2, extra_args, callback, report, disable)
 
 
 @torch.no_grad()
@@ -157,12 +138,10 @@ def sample_dpmpp_3m(
     callback: Callable[[dict], None] | None = None,
     disable: bool | None = None,
     report: dict | None = None,
-    **options: Any,
 ) -> Tensor:
     """DPM-Solver++(3M), deterministic third-order multistep (Lu et al. 2022, arXiv 2211.01095).
 
     The first step is a DPM-Solver++(2S) midpoint step (one extra model call, ``steps + 1`` in all):
     k-diffusion's first-order start caps the measured global order at 2 (docs/EXPERTS.md).
     """
-    reject_options("dpmpp_3m", options)
-    return dpmpp_multistep(model, x, sigmas, 3, extra_args, callback, report)
+    return dpmpp_multistep(model, x, sigmas, 3, extra_args, callback, report, disable)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..experts.base import Expert, get_expert
+from ..router.calibration import calibration_inputs
 from .comfy_experts import schedule_for
 
 logger = logging.getLogger(__name__)
@@ -42,9 +43,11 @@ class Attempt:
     """One expert run inside :func:`sample_with_expert`.
 
     ``outcome``: ``"ok"``, ``"non_finite"`` (NaN/Inf output), ``"interrupted"`` or ``"error"``.
-    ``nfe`` counts model calls also for runs that did not finish. ``estimate`` is what the expert
-    measured about itself; its meaning follows ``stop_rule`` (``"converged"``: the last relative
-    change of the denoised prediction; ``"error_control"``: the mean accepted error ratio).
+    ``nfe`` counts model calls also for runs that did not finish. ``error_estimate`` is the run's
+    own raw fidelity estimate (about its relative error to the exact solution, from the step
+    observer of :mod:`moe_sampler.experts.observer`, for every expert) and ``estimate_inputs``
+    its :func:`~moe_sampler.router.calibration.calibration_inputs` (None when fewer than two
+    steps ran).
     """
 
     expert: str
@@ -52,10 +55,11 @@ class Attempt:
     nfe: int
     steps: int
     seconds: float
-    estimate: float | None = None
+    error_estimate: float | None = None
     stopped_early: bool = False
     error: str | None = None
     stop_rule: str = "none"
+    estimate_inputs: dict | None = None
 
     @property
     def success(self) -> bool:
@@ -91,8 +95,8 @@ class SamplingReport:
         return self.final.seconds
 
     @property
-    def estimate(self) -> float | None:
-        return self.final.estimate
+    def error_estimate(self) -> float | None:
+        return self.final.error_estimate
 
     @property
     def fallback(self) -> bool:
@@ -190,7 +194,8 @@ def _run_once(model: Any, expert: Expert, sigmas: Tensor, noise: Tensor, latent_
         return Attempt(expert=expert.name, outcome=outcome, nfe=int(report.get("nfe", 0)),
                        steps=int(report.get("steps", seen[0])),
                        seconds=float(report.get("seconds", time.perf_counter() - start)),
-                       estimate=_finite_or_none(report.get("estimate")),
+                       error_estimate=_finite_or_none(report.get("error_estimate")),
+                       estimate_inputs=calibration_inputs(report, cfg),
                        stopped_early=bool(report.get("stopped_early", False)), error=error,
                        stop_rule=expert.descriptor.stop_rule)
 
@@ -301,14 +306,15 @@ def sample_with_expert(
 
 
 def run_records(attempts: Sequence[Attempt], *, state: Any, selection: Any, router: str, priority: float | None,
-                seed: int | None) -> list:
+                seed: int | None, calibration: Any = None) -> list:
     """One :class:`~moe_sampler.stats.store.RunRecord` per attempt (source ``"sampling"``).
 
     The first attempt is the routed (or forced) pick and carries the router's propensity and
     confidence (forced: propensity 1, no confidence); a fallback run was not chosen by the
-    policy, so it has neither. ``quality`` is filled only from a ``"converged"`` stop rule's
-    estimate (a relative change of the denoised prediction, scored with the documented map);
-    other self-estimates are not errors and stay None.
+    policy, so it has neither. Every successful attempt with a fidelity estimate stores it
+    (``error_estimate``) and a ``quality`` from it (``quality_source="estimate"``): through
+    ``calibration`` (a :class:`~moe_sampler.router.calibration.Calibration`) when given, else the
+    raw estimate scored with the documented map (``quality_from_error``).
     """
     from ..experts.analytic import quality_from_error
     from ..stats.store import RunRecord
@@ -317,14 +323,20 @@ def run_records(attempts: Sequence[Attempt], *, state: Any, selection: Any, rout
     for i, attempt in enumerate(attempts):
         picked = i == 0
         quality = None
-        if attempt.success and attempt.estimate is not None and attempt.stop_rule == "converged":
-            quality = float(quality_from_error(attempt.estimate))
+        if attempt.success and attempt.error_estimate is not None:
+            quality = float(quality_from_error(attempt.error_estimate))
+            if calibration is not None and attempt.estimate_inputs is not None:
+                try:
+                    quality = calibration.predict_quality(attempt.expert, attempt.estimate_inputs)[0]
+                except KeyError:  # an empty calibration: keep the raw estimate's score
+                    pass
         records.append(RunRecord(
             expert=attempt.expert, router=router, nfe=attempt.nfe, steps=attempt.steps,
             seconds=max(attempt.seconds, 0.0), success=attempt.success, source="sampling", quality=quality,
             confidence=selection.confidence if picked and selection is not None else None,
             propensity=(1.0 if selection is None else selection.propensity) if picked else None,
-            priority=priority, state=state, error=attempt.error, seed=seed,
+            priority=priority, state=state, error=attempt.error, seed=seed, error_estimate=attempt.error_estimate,
+            quality_source=None if quality is None else "estimate",
         ))
     return records
 

@@ -29,8 +29,7 @@ from ..experts.base import (
     expert_names,
     registered_experts,
 )
-from ..experts.builtin import EARLY_STOP_STEPS
-from ..experts.early_stop import DEFAULT_MAX_SIGMA_RATIO, DEFAULT_MIN_STEPS, DEFAULT_TOL, ConvergenceRule
+from ..experts.observer import ConvergenceStop, convergence_min_steps  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -242,52 +241,17 @@ def _comfy_sigmas(scheduler: str, discard_penultimate: bool, schedule: ModelSche
     return sigmas
 
 
-class _Converged(Exception):
-    def __init__(self, denoised: Tensor, step: int, change: float | None) -> None:
-        super().__init__(step)
-        self.denoised, self.step, self.change = denoised, step, change
+def _comfy_loop(sampler_function: Callable) -> Callable:
+    """A ComfyUI sampler function with the expert loop signature (it takes no ``report``).
 
-
-def convergence_min_steps(steps: int) -> int:
-    """Steps a "converged" custom expert always runs: the share EarlyStopper uses (12 of 30)."""
-    return max(2, round(steps * DEFAULT_MIN_STEPS / EARLY_STOP_STEPS))
-
-
-def _comfy_loop(sampler_function: Callable, stop_rule: str) -> Callable:
-    """A ComfyUI sampler function with the expert loop signature, plus the optional stop rule.
-
-    ``"converged"`` applies EarlyStopper's :class:`~moe_sampler.experts.early_stop.ConvergenceRule`
-    to the denoised predictions the sampler reports through its callback, and returns the last
-    one when the rule fires (never the noisy latent).
+    The stop rule is not here: :meth:`Expert.__call__ <moe_sampler.experts.base.Expert.__call__>`
+    applies it through the callback for every expert (:mod:`moe_sampler.experts.observer`).
     """
 
     @torch.no_grad()
     def loop(model, x, sigmas, extra_args=None, callback=None, disable=None, report=None, **options):
-        if stop_rule == "none":
-            return sampler_function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
-                                    **options)
-        steps = len(sigmas) - 1
-        rule = ConvergenceRule(DEFAULT_TOL, convergence_min_steps(steps), DEFAULT_MAX_SIGMA_RATIO)
-        previous: list = []
-
-        def watch(info: dict) -> None:
-            if callback is not None:
-                callback(info)
-            i, denoised, sigma = int(info["i"]), info["denoised"], info.get("sigma")
-            if previous and sigma is not None and i + 1 < steps:
-                sigma_prev, denoised_prev = previous
-                if float(sigma_prev) > float(sigma) > 0 and rule(i, float(sigma), float(sigma_prev), denoised,
-                                                                 denoised_prev):
-                    raise _Converged(denoised, i, rule.last_change)
-            previous[:] = [sigma, denoised]
-
-        try:
-            return sampler_function(model, x, sigmas, extra_args=extra_args, callback=watch, disable=disable,
-                                    **options)
-        except _Converged as stop:
-            if report is not None:
-                report.update(steps=stop.step + 1, stopped_early=True, estimate=stop.change)
-            return stop.denoised.to(x.dtype)
+        return sampler_function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                **options)
 
     return loop
 
@@ -297,7 +261,7 @@ def expert_from_comfy(sampler_name: str, scheduler: str, steps: int, stop_rule: 
 
     Equivalent to core KSampler with the same settings (same sigmas, same sampler function,
     same inpaint options); ``stop_rule="converged"`` stops once the denoised prediction settles
-    (EarlyStopper's rule) and returns it. ValueErrors name the node input at fault.
+    (EarlyStopper's rule, applied by the same step observer as EarlyStopper's) and returns it. ValueErrors name the node input at fault.
     """
     import comfy.samplers
 
@@ -307,17 +271,31 @@ def expert_from_comfy(sampler_name: str, scheduler: str, steps: int, stop_rule: 
         raise ValueError(
             f"scheduler: unknown ComfyUI scheduler {scheduler!r}; one of {', '.join(comfy.samplers.SCHEDULER_NAMES)}"
         )
-    descriptor = comfy_descriptor(sampler_name, scheduler, steps, stop_rule)
     ksampler = comfy.samplers.sampler_object(sampler_name)
     discard = sampler_name in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS
+    return expert_from_sampler_function(
+        ksampler.sampler_function, sampler_name, scheduler, steps, stop_rule,
+        make_sigmas=functools.partial(_comfy_sigmas, scheduler, discard), options=dict(ksampler.extra_options),
+        inpaint_options=dict(ksampler.inpaint_options),
+    )
+
+
+def expert_from_sampler_function(sampler_function: Callable, sampler_name: str, scheduler: str, steps: int,
+                                 stop_rule: str = "none", *, make_sigmas: Callable[[ModelSchedule, int], Tensor],
+                                 options: Mapping[str, Any] | None = None,
+                                 inpaint_options: Mapping[str, Any] | None = None) -> ComfySamplerExpert:
+    """The expert of :func:`expert_from_comfy` around any k-diffusion-signature ``sampler_function``
+    (no ComfyUI import): the descriptor of ``sampler_name``, and the stop rule applied by the
+    step observer that every expert runs under."""
     return ComfySamplerExpert(
-        descriptor=descriptor,
-        sampler=_comfy_loop(ksampler.sampler_function, stop_rule),
-        make_sigmas=functools.partial(_comfy_sigmas, scheduler, discard),
-        options=dict(ksampler.extra_options),
+        descriptor=comfy_descriptor(sampler_name, scheduler, steps, stop_rule),
+        sampler=_comfy_loop(sampler_function),
+        make_sigmas=make_sigmas,
+        options=dict(options or {}),
         sampler_name=sampler_name,
         scheduler=scheduler,
-        inpaint_options=dict(ksampler.inpaint_options),
+        inpaint_options=dict(inpaint_options or {}),
+        stop=ConvergenceStop() if stop_rule == "converged" else None,
     )
 
 

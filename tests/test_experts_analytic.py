@@ -111,7 +111,7 @@ def test_early_stopper_returns_the_denoised_prediction(model, cases):
     torch.testing.assert_close(out, last["denoised"], rtol=0, atol=0)
     recomputed = model(last["x"], last["sigma"] * torch.ones(x.shape[0], dtype=x.dtype), **extra_args)
     torch.testing.assert_close(out, recomputed, rtol=0, atol=0)
-    assert 0 < report["estimate"] < 0.05
+    assert 0 < report["last_change"] < 0.05 and 0 < report["error_estimate"] < 0.05
     assert not torch.equal(out, last["x"]), "returned the latent, not the denoised prediction"
 
 

@@ -12,6 +12,7 @@ import torch
 
 from moe_sampler.experts import CALLBACK_KEYS, DESCRIPTOR_DIM, registered_experts
 from moe_sampler.experts.analytic import AnalyticModel, PromptSpec
+from moe_sampler.experts.observer import run_observed
 
 EXPERTS = registered_experts()
 IDS = [e.name for e in EXPERTS]
@@ -100,7 +101,8 @@ def test_empty_schedule_is_a_no_op(expert, flat_model, length):
     report: dict = {}
     events: list[dict] = []
     out = expert(counting, x, sigmas[:length], callback=events.append, report=report)
-    raw = expert.sampler(counting, x, sigmas[:length], extra_args={}, callback=events.append, **expert.options)
+    raw = run_observed(expert.sampler, counting, x, sigmas[:length], extra_args={}, callback=events.append,
+                       stop=expert.stop, **expert.options)
     assert torch.equal(out, x) and torch.equal(raw, x)
     assert counting.calls == 0 and report["nfe"] == 0 and report["steps"] == 0 and events == []
 
@@ -133,8 +135,9 @@ def test_plain_k_diffusion_call(expert, flat_model):
         seen.append((info["i"], tuple(info["denoised"].shape)))
 
     wrapped = expert(flat_model, x, sigmas, extra_args=dict(seed=3), callback=k_callback, disable=True)
-    raw = expert.sampler(flat_model, x, sigmas, extra_args=dict(seed=3), callback=k_callback, disable=True,
-                         **expert.options)
+    # The loop alone (its stop rule, if any, acts through the callback: the observer applies it).
+    raw = run_observed(expert.sampler, flat_model, x, sigmas, extra_args=dict(seed=3), callback=k_callback,
+                       disable=True, stop=expert.stop, **expert.options)
     assert torch.equal(wrapped, raw)
     assert len(seen) % 2 == 0 and seen[: len(seen) // 2] == seen[len(seen) // 2:]
     assert not x.requires_grad and not wrapped.requires_grad

@@ -68,14 +68,14 @@ OTHER_CASES = [
      "denoise must be in (0, 1]"),
     ("denoise-above-one", lambda: get_expert("QualityMaster").sigmas(MODEL.schedule(), 1.5), ValueError,
      "denoise must be in (0, 1]"),
-    ("2m-unknown-option", lambda: sample_dpmpp_2m(MODEL, X, SIGMAS, eta=1.0), TypeError, "unexpected options: eta"),
-    ("3m-unknown-option", lambda: sample_dpmpp_3m(MODEL, X, SIGMAS, s_noise=1.0), TypeError, "unexpected options"),
+    ("2m-unknown-option", lambda: sample_dpmpp_2m(MODEL, X, SIGMAS, eta=1.0), TypeError, "unexpected keyword argument 'eta'"),
+    ("3m-unknown-option", lambda: sample_dpmpp_3m(MODEL, X, SIGMAS, s_noise=1.0), TypeError, "unexpected keyword argument"),
     ("early-stop-tol-zero", lambda: sample_early_stop(MODEL, X, SIGMAS, tol=0.0), ValueError, "tol > 0"),
     ("early-stop-min-steps", lambda: sample_early_stop(MODEL, X, SIGMAS, min_steps=0), ValueError, "min_steps >= 1"),
     ("adaptive-rtol-zero", lambda: sample_noise_adaptive(MODEL, X, SIGMAS, rtol=0.0), ValueError, "rtol > 0"),
     ("adaptive-cap-zero", lambda: sample_noise_adaptive(MODEL, X, SIGMAS, max_nfe=0), ValueError, "max_nfe >= 1"),
     ("adaptive-unknown-option", lambda: sample_noise_adaptive(MODEL, X, SIGMAS, order=3), TypeError,
-     "unexpected options: order"),
+     "unexpected keyword argument 'order'"),
 ]
 
 

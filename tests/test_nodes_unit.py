@@ -365,15 +365,33 @@ def test_run_records_for_a_fallback():
     assert len(failed.state) == 64
 
 
-def test_run_records_forced_and_quality_only_from_convergence():
-    converged = _attempt("euler/normal/30/converged", estimate=1e-2, stop_rule="converged", stopped_early=True)
+def test_run_records_forced_and_quality_from_every_estimate():
+    converged = _attempt("euler/normal/30/converged", error_estimate=1e-2, stop_rule="converged", stopped_early=True)
     (record,) = bridge.run_records([converged], state=None, selection=None, router="manual", priority=1.0, seed=1)
     assert record.propensity == 1.0 and record.confidence is None and record.router == "manual"
     assert record.quality == pytest.approx(2 / 3)
-    adaptive = _attempt("NoiseAdaptive", estimate=0.4, stop_rule="error_control")
+    assert record.error_estimate == 1e-2 and record.quality_source == "estimate"
+    adaptive = _attempt("NoiseAdaptive", error_estimate=1e-3, stop_rule="error_control")
     (record,) = bridge.run_records([adaptive], state=None, selection=SELECTION, router="r.safetensors",
                                    priority=0.0, seed=None)
-    assert record.quality is None
+    assert record.quality == pytest.approx(1.0) and record.quality_source == "estimate"
+    (record,) = bridge.run_records([_attempt("SpeedDemon")], state=None, selection=None, router="manual",
+                                   priority=0.5, seed=None)
+    assert record.quality is None and record.quality_source is None and record.error_estimate is None
+
+
+def test_run_records_quality_through_a_calibration():
+    from moe_sampler.router.calibration import Calibration, ExpertFit
+
+    inputs = {"estimate": 1e-2}
+    calibration = Calibration({"BalancedMaster": ExpertFit(("log10_estimate",), (-1.0, 1.0), 0.2, 50)})
+    attempt = _attempt("BalancedMaster", error_estimate=1e-2, estimate_inputs=inputs)
+    (record,) = bridge.run_records([attempt], state=None, selection=None, router="manual", priority=0.5, seed=None,
+                                   calibration=calibration)
+    assert record.quality == pytest.approx(1.0)  # calibrated error 1e-3, where the raw 1e-2 would score 2/3
+    (record,) = bridge.run_records([attempt], state=None, selection=None, router="manual", priority=0.5, seed=None,
+                                   calibration=Calibration())
+    assert record.quality == pytest.approx(2 / 3)  # nothing calibrated: the raw estimate's score
 
 
 def test_badge():

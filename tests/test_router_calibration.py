@@ -1,0 +1,85 @@
+"""The calibration of the fidelity estimate: fit, predict with uncertainty, fallbacks, round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from moe_sampler.router.calibration import FEATURES, POOLED, Calibration, ExpertFit, calibration_inputs
+
+
+def _pairs(expert: str, n: int, slope: float, offset: float, noise: float, seed: int) -> list:
+    """Errors that follow ``log10(err) = offset + slope * log10(estimate) + 0.3 * log(cfg) + noise``."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        estimate, cfg = 10 ** rng.uniform(-4, -1), math.exp(rng.uniform(0, math.log(12)))
+        log_error = offset + slope * math.log10(estimate) + 0.3 * math.log(cfg) + rng.gauss(0, noise)
+        pairs.append((expert, {"estimate": estimate, "first_order": 2 * estimate, "tail": estimate / 10,
+                               "sigma_start": 14.6, "scale": 1.0, "nfe": 20, "cfg": cfg}, 10**log_error))
+    return pairs
+
+
+def test_fit_recovers_a_known_relation_and_its_spread():
+    pairs = _pairs("A", 400, 0.8, -0.5, 0.1, seed=1) + _pairs("B", 400, 1.2, 0.3, 0.2, seed=2)
+    calibration = Calibration.fit(pairs, ("log10_estimate", "log_cfg"))
+    fit = calibration.fits["A"]
+    assert fit.coef == pytest.approx((-0.5, 0.8, 0.3), abs=0.05)
+    assert fit.std == pytest.approx(0.1, rel=0.15) and calibration.fits["B"].std == pytest.approx(0.2, rel=0.15)
+    error, std = calibration.predict("A", {"estimate": 1e-2, "cfg": 1.0})
+    assert error == pytest.approx(10 ** (-0.5 - 1.6), rel=0.1) and std == fit.std
+    quality, quality_std = calibration.predict_quality("A", {"estimate": 1e-2, "cfg": 1.0})
+    assert quality == pytest.approx((0.5 + 1.6) / 3, abs=0.02) and quality_std == pytest.approx(std / 3)
+
+
+def test_few_pairs_reduced_model_and_unknown_expert_pooled_with_a_wider_spread():
+    pairs = _pairs("A", 300, 1.0, 0.0, 0.1, seed=3) + _pairs("Few", 10, 1.0, 0.0, 0.1, seed=4) + \
+        _pairs("Two", 2, 1.0, 0.0, 0.1, seed=5)
+    calibration = Calibration.fit(pairs)
+    assert calibration.fits["A"].features == tuple(FEATURES)
+    assert calibration.fits["Few"].features == ("log10_estimate",)
+    assert "Two" not in calibration.fits and POOLED in calibration.fits
+    inputs = pairs[0][1]
+    _, std_known = calibration.predict("A", inputs)
+    _, std_unknown = calibration.predict("Two", inputs)
+    assert std_unknown > std_known
+    with pytest.raises(KeyError, match="no calibration"):
+        Calibration().predict("A", inputs)
+
+
+def test_round_trip_through_plain_json():
+    calibration = Calibration.fit(_pairs("A", 200, 0.9, -0.2, 0.1, seed=6) + _pairs("B", 30, 1.1, 0.1, 0.3, seed=7))
+    data = json.loads(json.dumps(calibration.to_dict()))
+    again = Calibration.from_dict(data)
+    inputs = _pairs("A", 1, 1.0, 0.0, 0.0, seed=8)[0][1]
+    for expert in ("A", "B", "Unknown"):
+        assert again.predict(expert, inputs) == calibration.predict(expert, inputs)
+    with pytest.raises(ValueError, match="format version"):
+        Calibration.from_dict({**data, "version": 99})
+    broken = {**data, "experts": {"A": {**data["experts"]["A"], "features": ["no_such_feature"]}}}
+    with pytest.raises(ValueError, match="unknown features"):
+        Calibration.from_dict(broken)
+
+
+def test_non_finite_pairs_are_skipped_and_unknown_features_refused():
+    pairs = _pairs("A", 60, 1.0, 0.0, 0.1, seed=9)
+    pairs.append(("A", pairs[0][1], math.inf))
+    assert Calibration.fit(pairs).fits["A"].pairs == 60
+    with pytest.raises(ValueError, match="unknown calibration features"):
+        Calibration.fit(pairs, ("log10_estimate", "log_moon_phase"))
+
+
+def test_inputs_from_a_run_report():
+    report = {"error_estimate": 0.01, "nfe": 20, "estimate_features": {"local": 0.04, "first_order": 0.1,
+                                                                       "tail": 1e-4, "sigma_start": 14.6,
+                                                                       "scale": 0.9}}
+    inputs = calibration_inputs(report, cfg=7.5)
+    assert inputs == {"estimate": 0.01, "first_order": 0.1, "tail": 1e-4, "sigma_start": 14.6, "scale": 0.9,
+                      "nfe": 20.0, "cfg": 7.5}
+    assert calibration_inputs({"error_estimate": None}) is None
+    assert calibration_inputs({"error_estimate": math.nan}) is None
+    fit = ExpertFit(("log10_estimate",), (0.0, 1.0), 0.1, 10)
+    assert fit.predict_log10(inputs) == pytest.approx(-2.0)
