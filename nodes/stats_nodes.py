@@ -40,9 +40,11 @@ def _store_fingerprint() -> Any:
     target = paths.stats_store_target()
     if target != str(paths.stats_store_path()):  # a database server: no file tells when it changed
         return ("database", time.time())
-    store = paths.stats_store()  # its health changes without the files changing (a lock, held runs)
+    # Its health changes without the files changing (another process's lock, runs held in memory);
+    # health() takes ~1 ms, or 0.25 s while the store is locked.
+    store = paths.stats_store()
     path = paths.stats_store_path()
-    stamps = [(store.problem, store.notice, store.dropped, store.waiting)]
+    stamps = [tuple(store.health().values())]
     for candidate in (path, path.with_name(path.name + "-wal")):
         try:
             stat = os.stat(candidate)

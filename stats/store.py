@@ -26,6 +26,7 @@ import csv
 import functools
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -59,6 +60,7 @@ _STOP = object()
 BATCH = 256  # runs per write transaction when the background writer catches up
 MAX_BACKOFF = 5.0  # seconds between retries of a write that keeps failing
 PROBE_WAIT = 0.25  # seconds health() waits for the write lock before calling the store locked
+PROBE_REUSE = 1.0  # seconds a probe's answer is reused
 _INSERT = f"INSERT INTO {{table}} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _SELECT = f"SELECT id, {', '.join(COLUMNS)} FROM {{table}}"
 _REAL = "CAST({} AS DOUBLE PRECISION)"  # AVG of integers is a float in SQLite but a decimal in PostgreSQL
@@ -135,6 +137,7 @@ class StatsStore:
         self._idle = threading.Condition()
         self._writer: threading.Thread | None = None
         self._accepting = True
+        self._probed: tuple[float, bool] = (-math.inf, True)  # (when, write lock free) of the last probe
         self._exit_hook = functools.partial(_close_at_exit, weakref.ref(self))
 
     def __repr__(self) -> str:
@@ -200,13 +203,15 @@ class StatsStore:
         """
         problem = self.problem
         if problem is None and probe and not self._closed:
-            try:
-                free = self._read(lambda conn: self.backend.write_lock_free(conn, PROBE_WAIT))
-            except StatsStoreError as exc:
-                problem = str(exc)
-            else:
-                if not free:
-                    problem = f"{self.label} is locked by another process; runs are kept in memory until it is free"
+            checked, free = self._probed
+            if time.monotonic() - checked > PROBE_REUSE:  # the node's fingerprint and its run share one probe
+                try:
+                    free = self._read(lambda conn: self.backend.write_lock_free(conn, PROBE_WAIT))
+                except StatsStoreError as exc:
+                    problem = str(exc)
+                self._probed = (time.monotonic(), free)
+            if problem is None and not free:
+                problem = f"{self.label} is locked by another process; runs are kept in memory until it is free"
         return {"healthy": problem is None, "problem": problem, "notice": self._notice, "dropped": self._dropped,
                 "waiting": self.waiting}
 
