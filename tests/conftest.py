@@ -67,21 +67,33 @@ def pytest_runtest_makereport(item, call):
                            f"{_skip_reason(report)}")
 
 
+_module_skips: list[str] = []
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
+    # A whole module skipped (a module-level importorskip) has no test to fail: it is noted here
+    # and fails the session at its end, so the other modules still run.
     outcome = yield
     report = outcome.get_result()
     if report.skipped and no_skip():
-        report.outcome = "failed"
-        report.longrepr = f"module skipped while {NO_SKIP_VARIABLE}=1: {_skip_reason(report)}"
+        _module_skips.append(f"{report.nodeid}: {_skip_reason(report)}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _module_skips and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """One line per skip reason with its count, GPU and other skips apart."""
     skipped = terminalreporter.stats.get("skipped", [])
-    if not skipped:
-        return
-    counts = Counter(("GPU" if getattr(r, "moe_gpu", False) else "other", _skip_reason(r)) for r in skipped)
-    terminalreporter.section("skips by reason")
-    for (kind, reason), count in sorted(counts.items()):
-        terminalreporter.write_line(f"{count:4d} {kind:5s} {reason}")
+    if skipped:
+        counts = Counter(("GPU" if getattr(r, "moe_gpu", False) else "other", _skip_reason(r)) for r in skipped)
+        terminalreporter.section("skips by reason")
+        for (kind, reason), count in sorted(counts.items()):
+            terminalreporter.write_line(f"{count:4d} {kind:5s} {reason}")
+    if _module_skips:
+        terminalreporter.section(f"modules skipped while {NO_SKIP_VARIABLE}=1 (this fails the run)", red=True)
+        for line in _module_skips:
+            terminalreporter.write_line(line, red=True)

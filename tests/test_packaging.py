@@ -172,3 +172,18 @@ def test_no_skip_mode_fails_a_skipped_comfyui_test_but_not_a_gpu_test(tmp_path):
     assert "1 error" in result.stdout, result.stdout[-3000:]  # the comfyui test, failed at its setup
     if not torch.cuda.is_available():
         assert "1 skipped" in result.stdout, result.stdout[-3000:]  # a GPU test may still skip
+
+
+def test_no_skip_mode_fails_a_skipped_module_but_runs_the_rest(tmp_path):
+    # A module-level importorskip has no test to fail: the run goes on and fails at its end.
+    (tmp_path / "test_needs_a_missing_module.py").write_text(
+        "import pytest\npytest.importorskip('moe_sampler_no_such_module')\n\ndef test_x():\n    pass\n")
+    (tmp_path / "test_known_failure.py").write_text(
+        "import pytest\n\n@pytest.mark.xfail(reason='known')\ndef test_x():\n    assert False\n")
+    environ = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "PYTEST_ADDOPTS")}
+    environ.update(PYTHONPATH=str(ROOT / "tests"), MOE_SAMPLER_NO_SKIP="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest", "."],
+                            cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "modules skipped while MOE_SAMPLER_NO_SKIP=1" in result.stdout, result.stdout[-3000:]
+    assert "1 xfailed" in result.stdout, result.stdout[-3000:]  # an expected failure is not a skip
