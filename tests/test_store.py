@@ -654,3 +654,37 @@ def test_postgres_connection_dropped_by_the_server_is_reopened(postgres_target):
         assert store.record(make_run(seed=2))
         assert store.flush(timeout=10)
         assert [r.seed for r in store.runs()] == [1, 2] and store.healthy and store.dropped == 0
+
+
+def test_postgres_restarted_while_sampling_loses_no_run(postgres_target):
+    """Issue 12: the database goes away and comes back during sampling; recording never fails the
+    caller, and the runs written meanwhile arrive afterwards (held in memory, retried)."""
+    target = postgres_target
+    with target.open(timeout=0.5) as store:
+        assert store.record(make_run(seed=0))
+        stop = threading.Event()
+        queued: list[bool] = []
+
+        def sample():
+            seed = 1
+            while not stop.is_set():
+                queued.append(store.record_async(make_run(seed=seed)))
+                seed += 1
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            time.sleep(0.3)
+            try:
+                pg_helper.restart_server()
+            except pg_helper.Unavailable as exc:
+                pytest.skip(str(exc))
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            sampler.join()
+        assert all(queued) and len(queued) > 20
+        assert store.flush(timeout=60)
+        assert [r.seed for r in store.runs()] == list(range(len(queued) + 1))
+        assert store.dropped == 0 and store.health()["healthy"]

@@ -59,8 +59,25 @@ def database_url() -> str:
             _state["error"] = f".ci/postgres.sh start failed: {done.stderr.strip()[-1500:]}"
             raise RuntimeError(_state["error"])  # binaries exist, so this is a failure, not a skip
         _state["url"] = done.stdout.strip().split("=", 1)[1]
+        _state["folder"] = folder
         atexit.register(subprocess.run, ["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
         return str(_state["url"])
+
+
+def restart_server() -> None:
+    """Stop and start the test server (same port, same data): the one started here, or CI's
+    (``$MOE_SAMPLER_PG_DIR`` of ``.ci/postgres.sh``). Raises :class:`Unavailable` for any other server."""
+    folder = _state.get("folder") or (os.environ.get("MOE_SAMPLER_PG_DIR") if os.environ.get(VARIABLE) else None)
+    if not folder:
+        raise Unavailable(f"cannot restart the server of {VARIABLE} (set MOE_SAMPLER_PG_DIR, see .ci/postgres.sh)")
+    env = {**os.environ, "MOE_SAMPLER_PG_DIR": str(folder)}
+    # Output to a file, not a pipe: the restarted server inherits the script's stderr and would
+    # hold a pipe open for as long as it runs.
+    with tempfile.TemporaryFile("w+") as log:
+        done = subprocess.run(["bash", str(SCRIPT), "restart"], env=env, stdout=log, stderr=log, timeout=120)
+        log.seek(0)
+        if done.returncode != 0:
+            raise RuntimeError(f".ci/postgres.sh restart failed: {log.read().strip()[-1500:]}")
 
 
 def unique_schema() -> str:
