@@ -3,7 +3,9 @@
 Standard library; Pillow, numpy and torch only in the charts module. No ComfyUI.
 
 - :mod:`.records`: :class:`RunRecord` (one run), :class:`ExpertStats` (one expert's aggregates), the scores.
-- :mod:`.store`: :class:`StatsStore` (SQLite, WAL, migrations, background writer), exports.
+- :mod:`.store`: :class:`StatsStore` (one interface: migrations, background writer with retry,
+  health, exports) over :mod:`.sqlite_store` (the default file) or :mod:`.postgres_store` (a
+  shared server, by URL; psycopg 3 optional); :mod:`.backend` is what a backend provides.
 - :mod:`.charts`: per-expert bar chart and line charts as PIL images.
 - :mod:`.report`: the router labels, the stats payload and its text table.
 """
