@@ -23,6 +23,7 @@ modules and the record annotation import and test without ComfyUI.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -42,6 +43,9 @@ DEFAULT_AUDIT_RATE = 0.02
 UPDATE_EVERY = int(os.environ.get("MOE_SAMPLER_LEARN_EVERY", "25") or 25)  # recorded runs per model between updates
 MAX_ROWS = 20_000  # newest rows read for an update
 LEARNING_ENV = "MOE_SAMPLER_LEARNING"  # "0" turns the background updates off
+AUDIT_STEPS: int | None = None  # steps of the audit's reference; None: the training reference's REFERENCE_STEPS
+EXPLORATION: float | None = None  # epsilon of the learned router; None: router.online.EPSILON (5%)
+BACKGROUND_PAUSE = 0.002  # seconds a background fit sleeps per Adam step, leaving the CPU to sampling
 
 _fingerprints: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 _fingerprint_lock = threading.Lock()
@@ -155,11 +159,12 @@ def learned_policy(key: str, epsilon: float | None = None) -> LearnedPolicy:
         router = paths.load_router(label)
     except ValueError:  # no version yet (or an unreadable file: logged once by the cache miss)
         router = None
+    epsilon = epsilon if epsilon is not None else (EXPLORATION if EXPLORATION is not None else EPSILON)
     with _policy_lock:
         cached = _policies.get(key)
-        if cached is None or cached[0] is not router:
+        if cached is None or cached[0] is not router or cached[1].epsilon != epsilon:
             base = router if router is not None else Router.default()
-            policy = GuardedPolicy.for_router(base, epsilon=EPSILON if epsilon is None else epsilon)
+            policy = GuardedPolicy.for_router(base, epsilon=epsilon)
             cached = _policies[key] = (router, policy)
     version = int((router.training.get("version", 0) if router is not None else 0) or 0)
     return LearnedPolicy(cached[1], version, label)
@@ -260,7 +265,7 @@ def run_audit(model: Any, positive: Any, negative: Any, latent_image: dict, seed
 
     start = time.perf_counter()
     attempts: list = []
-    reference_expert = _reference_expert(REFERENCE_STEPS)
+    reference_expert = _reference_expert(AUDIT_STEPS or REFERENCE_STEPS)
     try:
         with torch.inference_mode():
             latent, report = bridge.sample_with_expert(model, reference_expert, positive, negative, latent_image, seed,
@@ -337,9 +342,10 @@ class LearnOutcome:
 
 
 def learn_now(key: str, experts: Sequence[Any], store: Any, registry_: Any = None,
-              should_stop: Callable[[], bool] | None = None, seed: int = 0) -> LearnOutcome:
+              should_stop: Callable[[], bool] | None = None, seed: int = 0, **options: Any) -> LearnOutcome:
     """Update the model ``key``'s router from its logged rows in ``store`` and publish the
-    candidate as a new version when it is adopted (see :func:`moe_sampler.router.online.update`)."""
+    candidate as a new version when it is adopted (see :func:`moe_sampler.router.online.update`,
+    which gets ``options``: ``heldout_share``, ``min_heldout``, ``min_rows``, ``steps``)."""
     from ..router.model import Router
     from ..router.online import rows_from_records, update
 
@@ -355,7 +361,7 @@ def learn_now(key: str, experts: Sequence[Any], store: Any, registry_: Any = Non
     latest = registry_.latest(name)
     current = registry_.load(name) if latest is not None else Router.default()
     current.name = name
-    result = update(current, rows, experts, model=key, should_stop=should_stop, seed=seed)
+    result = update(current, rows, experts, model=key, should_stop=should_stop, seed=seed, **options)
     version = None
     if result.adopted:
         result.candidate.name = name
@@ -377,7 +383,7 @@ class OnlineLearner:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = every
-        self.learn = learn if learn is not None else learn_now
+        self.learn = learn if learn is not None else functools.partial(learn_now, pause=BACKGROUND_PAUSE)
         self.counts: dict[str, int] = {}
         self.last: dict[str, Any] = {}
         self.updates: dict[str, int] = {}
@@ -416,6 +422,7 @@ class OnlineLearner:
             return self._idle.wait_for(lambda: not self._pending, timeout)
 
     def _work(self) -> None:
+        _lower_thread_priority()
         while True:
             key, experts, store = self._queue.get()
             try:
@@ -429,6 +436,14 @@ class OnlineLearner:
                 self.updates[key] = self.updates.get(key, 0) + 1
                 self._pending.discard(key)
                 self._idle.notify_all()
+
+
+def _lower_thread_priority() -> None:
+    """Let the OS prefer the sampling threads over this one (Linux: a thread's nice value)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: the update still runs
+        pass
 
 
 _learner: OnlineLearner | None = None

@@ -221,6 +221,13 @@ def _name(expert: Any) -> str:
 def fixed_utilities(evidence: Evidence, experts: Sequence[Any], priority: float) -> Tensor:
     """Each expert's estimated mean utility at ``priority`` over the model's contexts [N]: the
     logged SNIPS means shrunk towards the descriptor prior (weight :data:`PRIOR_ROWS`)."""
+    q, c = _fixed_quality_cost(evidence, experts)
+    return q - lambda_from_priority(priority) * c
+
+
+def _fixed_quality_cost(evidence: Evidence, experts: Sequence[Any]) -> tuple[Tensor, Tensor]:
+    """Mean quality and cost [N] float64 of each expert over the model's contexts (see
+    :func:`fixed_utilities`)."""
     q_prior, c_prior = prior_quality_cost(experts)
     q, c = q_prior.double().clone(), c_prior.double().clone()
     for i, expert in enumerate(experts):
@@ -228,12 +235,34 @@ def fixed_utilities(evidence: Evidence, experts: Sequence[Any], priority: float)
         if ev is not None and ev.rows > 0:
             q[i] = (ev.rows * ev.quality + PRIOR_ROWS * q[i]) / (ev.rows + PRIOR_ROWS)
             c[i] = (ev.rows * ev.cost + PRIOR_ROWS * c[i]) / (ev.rows + PRIOR_ROWS)
-    return q - lambda_from_priority(priority) * c
+    return q, c
 
 
 def best_fixed(evidence: Evidence, experts: Sequence[Any], priority: float) -> int:
-    """Index of the best fixed expert for ``priority`` (first on ties)."""
-    return int(torch.argmax(fixed_utilities(evidence, experts, priority)))
+    """Index of the best fixed expert for ``priority`` (see :func:`fixed_choices`)."""
+    lam = torch.tensor([[lambda_from_priority(priority)]], dtype=torch.float64)
+    return int(fixed_choices(evidence, experts, lam)[0])
+
+
+def fixed_choices(evidence: Evidence, experts: Sequence[Any], lam: Tensor, z: float = Z) -> Tensor:
+    """The best fixed expert for each price ``lam`` [R, 1] -> indices [R].
+
+    The prior's pick (the untrained router's), unless the logged rows show another expert's
+    mean utility (:func:`fixed_utilities`) above it by more than ``z`` standard errors
+    (``DEFAULT_QUALITY_SD / sqrt(rows)`` per expert): the estimated best of a few noisy means is
+    not trusted over the prior until the data separates them.
+    """
+    q_prior, c_prior = prior_quality_cost(experts)
+    prior = torch.argmax(q_prior.double()[None] - lam * c_prior.double()[None], dim=1)
+    q, c = _fixed_quality_cost(evidence, experts)
+    utility = q[None] - lam * c[None]  # [R, N]
+    best = torch.argmax(utility, dim=1)
+    rows = torch.tensor([float((evidence.experts.get(_name(e)) or ExpertEvidence(0, 0, 0)).rows) for e in experts],
+                        dtype=torch.float64)
+    var = torch.where(rows > 0, DEFAULT_QUALITY_SD ** 2 / rows.clamp_min(1), torch.full_like(rows, math.inf))
+    r = torch.arange(len(lam))
+    margin = utility[r, best] - utility[r, prior] - z * (var[best] + var[prior]).sqrt()
+    return torch.where((best == prior) | (margin > 0), best, prior)
 
 
 def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] = (), router: Router | None = None,
@@ -318,26 +347,52 @@ class GuardedPolicy:
         return "guarded" if self.evidence.trusted and self.evidence.rows >= self.min_rows else "learning"
 
     def greedy(self, state: Tensor, experts: Sequence[Any], priority: float) -> tuple[int, int, Tensor, Tensor, Tensor]:
-        """(greedy index, fixed index, quality [N], cost [N], gain lower bounds [N])."""
-        priority = check_priority(priority)
-        fixed = best_fixed(self.evidence, experts, priority)
-        quality, cost = self.router.predict(state, experts)
-        utility = quality.double() - lambda_from_priority(priority) * cost.double()
-        bounds = torch.full((len(experts),), -math.inf, dtype=torch.float64)
-        bounds[fixed] = 0.0
+        """(greedy index, fixed index, quality [N], cost [N], gain lower bounds [N]) for one state [64]."""
+        picks, fixed, quality, cost, bounds = self.greedy_batch(state[None], experts, [check_priority(priority)])
+        return int(picks[0]), int(fixed[0]), quality[0], cost[0], bounds[0]
+
+    def greedy_batch(self, states: Tensor, experts: Sequence[Any], priorities: Sequence[float]
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The greedy guarded picks for states [R, 64] at ``priorities`` [R]: (picks [R], fixed [R],
+        quality [R, N], cost [R, N], gain lower bounds [R, N]; 0 for the fixed expert, -inf where
+        there is no evidence)."""
+        n = len(experts)
+        lam = torch.tensor([lambda_from_priority(p) for p in priorities], dtype=torch.float64)[:, None]
+        fixed = fixed_choices(self.evidence, experts, lam, self.z)
+        quality, cost = self.predict_batch(states, experts)
+        rows = torch.arange(len(states))
+        bounds = torch.full((len(states), n), -math.inf, dtype=torch.float64)
+        bounds[rows, fixed] = 0.0
         if self.phase == "learning":
             return fixed, fixed, quality, cost, bounds
-        ev_f = self.evidence.experts.get(_name(experts[fixed]))
+        utility = quality.double() - lam * cost.double()
+        var, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         for i, expert in enumerate(experts):
             ev = self.evidence.experts.get(_name(expert))
-            if i == fixed or ev is None or ev_f is None or ev.rows == 0 or ev_f.rows == 0:
-                continue
-            se = math.sqrt(ev.quality_sd ** 2 / ev.rows + ev_f.quality_sd ** 2 / ev_f.rows)
-            bounds[i] = float(utility[i] - utility[fixed]) - self.z * se
+            if ev is not None and ev.rows > 0:
+                var[i], count[i] = ev.quality_sd ** 2, ev.rows
+        known = count > 0
+        per_expert = torch.where(known, var / count.clamp_min(1), torch.full_like(var, math.inf))
+        se = (per_expert[None, :] + per_expert[fixed][:, None]).sqrt()  # [R, N]
+        gain = utility - utility[rows, fixed][:, None]
+        bounds = torch.where(torch.isfinite(se), gain - self.z * se, torch.full_like(gain, -math.inf))
+        bounds[rows, fixed] = 0.0
         allowed = bounds > 0
-        allowed[fixed] = True
-        masked = torch.where(allowed, utility, torch.full_like(utility, -math.inf))
-        return int(torch.argmax(masked)), fixed, quality, cost, bounds
+        allowed[rows, fixed] = True
+        picks = torch.argmax(torch.where(allowed, utility, torch.full_like(utility, -math.inf)), dim=1)
+        return picks, fixed, quality, cost, bounds
+
+    def predict_batch(self, states: Tensor, experts: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        """The router's quality and cost [R, N] for states [R, 64] (one scorer call)."""
+        scorer = getattr(self.router, "scorer", None)
+        if scorer is None:  # a router-like object with predict() only
+            pairs = [self.router.predict(s, experts) for s in states]
+            return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        r, n = len(states), len(experts)
+        feats = torch.stack([getattr(e, "descriptor", e).to_features() for e in experts])
+        with torch.no_grad():
+            q, c = scorer(states.float().repeat_interleave(n, 0), feats.repeat(r, 1))
+        return q.reshape(r, n), c.reshape(r, n)
 
     def select(self, state: Tensor, experts: Sequence[Any], priority: float = 0.5, seed: int | None = None,
                epsilon: float | None = None) -> GuardedChoice:
@@ -369,10 +424,12 @@ class GuardedPolicy:
 
 def fit_candidate(router: Router, rows: Sequence[LoggedRow], descriptors: dict[str, ExpertDescriptor],
                   steps: int | None = None, learning_rate: float = 3e-3, batch_size: int = 64, seed: int = 0,
-                  should_stop: Callable[[], bool] | None = None) -> Router:
+                  should_stop: Callable[[], bool] | None = None, pause: float = 0.0) -> Router:
     """A copy of ``router`` trained on ``rows`` (weighted MSE on quality and cost, weights
     ``min(1 / propensity, PROPENSITY_CLIP)``, as ``MoERLTrainer.learn_from_records``); the
-    original is not touched. ``steps`` defaults to ``clamp(2 * rows, 100, 600)`` Adam steps."""
+    original is not touched. ``steps`` defaults to ``clamp(2 * rows, 100, 600)`` Adam steps;
+    ``pause`` seconds of sleep after each step leave the CPU (and the GIL) to sampling when the
+    fit runs in the background."""
     candidate = Router(copy.deepcopy(router.scorer), name=router.name, training=dict(router.training),
                        descriptors=router.descriptors)
     rows = [r for r in rows if r.expert in descriptors]
@@ -398,6 +455,8 @@ def fit_candidate(router: Router, rows: Sequence[LoggedRow], descriptors: dict[s
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if pause > 0:
+                time.sleep(pause)
     names = {d.name: d for d in candidate.descriptors}
     names.update(descriptors)
     candidate.descriptors = tuple(names.values())
@@ -423,8 +482,10 @@ def policy_values(policies: dict[str, GuardedPolicy], rows: Sequence[LoggedRow],
     inverse = torch.tensor([1.0 / r.propensity for r in rows], dtype=torch.float64)
     logged = torch.tensor([index[r.expert] for r in rows])
     weights = {}
+    states = torch.tensor([r.state for r in rows], dtype=torch.float32)
+    priorities = [r.priority for r in rows]
     for name, policy in policies.items():
-        picks = torch.tensor([policy.greedy(torch.tensor(r.state), experts, r.priority)[0] for r in rows])
+        picks = policy.greedy_batch(states, experts, priorities)[0]
         w = inverse * (picks == logged)
         weights[name] = w
         out["matched"][name] = int((picks == logged).sum())
@@ -450,12 +511,13 @@ class FixedPolicy(GuardedPolicy):
     def __init__(self, evidence: Evidence) -> None:
         super().__init__(_prior(), evidence, epsilon=0.0)
 
-    def greedy(self, state, experts, priority):  # noqa: D102 - see GuardedPolicy.greedy
-        fixed = best_fixed(self.evidence, experts, priority)
-        quality, cost = prior_quality_cost(experts)
-        bounds = torch.full((len(experts),), -math.inf, dtype=torch.float64)
-        bounds[fixed] = 0.0
-        return fixed, fixed, quality, cost, bounds
+    @property
+    def phase(self) -> str:
+        return "learning"
+
+    def predict_batch(self, states: Tensor, experts: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        q, c = _fixed_quality_cost(self.evidence, experts)
+        return q[None].expand(len(states), -1), c[None].expand(len(states), -1)
 
 
 @dataclass(frozen=True)
@@ -484,7 +546,8 @@ class UpdateResult:
 
 def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[Any], model: str | None = None,
            heldout_share: float = HELDOUT_SHARE, min_heldout: int = MIN_HELDOUT, min_rows: int = MIN_ROWS,
-           steps: int | None = None, seed: int = 0, should_stop: Callable[[], bool] | None = None) -> UpdateResult:
+           steps: int | None = None, seed: int = 0, should_stop: Callable[[], bool] | None = None,
+           pause: float = 0.0) -> UpdateResult:
     """One online update of ``current`` from logged runs of ``model`` over the pool ``experts``.
 
     ``records_or_rows``: ``RunRecord``s (filtered by :func:`rows_from_records`) or
@@ -498,7 +561,8 @@ def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[An
         rows = rows_from_records(records_or_rows, model=model, experts=list(descriptors))
     rows = [r for r in rows if r.expert in descriptors]
     train, heldout = split_rows(rows, heldout_share)
-    candidate = fit_candidate(current, train, descriptors, steps=steps, seed=seed, should_stop=should_stop)
+    candidate = fit_candidate(current, train, descriptors, steps=steps, seed=seed, should_stop=should_stop,
+                              pause=pause)
     candidate_evidence = evidence_from_rows(train, heldout, candidate, descriptors, trusted=True)
     policies = {"candidate": GuardedPolicy(candidate, candidate_evidence, epsilon=0.0, min_rows=min_rows),
                 "current": GuardedPolicy.for_router(current, epsilon=0.0, min_rows=min_rows),

@@ -269,3 +269,17 @@ def test_after_an_update_on_enough_rows_the_guard_leaves_the_learning_phase(swee
     assert policy.phase == ("guarded" if evidence.trusted else "learning")
     # the evidence travels with the router file
     assert Evidence.from_json(result.candidate.training["guard"]) == evidence
+
+
+def test_logged_rows_move_the_best_fixed_expert_only_when_they_separate_it_from_the_prior():
+    priority = 0.5  # the prior's pick: BalancedMaster
+    better = "QualityMaster"
+
+    def evidence(rows):
+        experts = {e.name: ExpertEvidence(rows, 0.5, float(cost_from_nfe(e.descriptor.max_nfe))) for e in POOL}
+        experts[better] = dataclasses.replace(experts[better], quality=0.95)
+        return Evidence(rows * len(POOL), True, experts)
+
+    # QualityMaster's logged mean utility beats BalancedMaster's by about 0.3; 2 rows each cannot show it
+    assert NAMES[best_fixed(evidence(2), POOL, priority)] == "BalancedMaster"
+    assert NAMES[best_fixed(evidence(40), POOL, priority)] == better
