@@ -306,7 +306,7 @@ def sample_with_expert(
 
 
 def run_records(attempts: Sequence[Attempt], *, state: Any, selection: Any, router: str, priority: float | None,
-                seed: int | None, calibration: Any = None) -> list:
+                seed: int | None, details: dict | None = None, calibration: Any = None) -> list:
     """One :class:`~moe_sampler.stats.store.RunRecord` per attempt (source ``"sampling"``).
 
     The first attempt is the routed (or forced) pick and carries the router's propensity and
@@ -315,6 +315,8 @@ def run_records(attempts: Sequence[Attempt], *, state: Any, selection: Any, rout
     (``error_estimate``) and a ``quality`` from it (``quality_source="estimate"``): through
     ``calibration`` (a :class:`~moe_sampler.router.calibration.Calibration`) when given, else the
     raw estimate scored with the documented map (``quality_from_error``).
+    ``details`` (why this expert: what the router expected from each pool expert, router name and
+    version, the expert's settings) goes with the first attempt, the one the router picked.
     """
     from ..experts.analytic import quality_from_error
     from ..stats.store import RunRecord
@@ -335,14 +337,19 @@ def run_records(attempts: Sequence[Attempt], *, state: Any, selection: Any, rout
             seconds=max(attempt.seconds, 0.0), success=attempt.success, source="sampling", quality=quality,
             confidence=selection.confidence if picked and selection is not None else None,
             propensity=(1.0 if selection is None else selection.propensity) if picked else None,
-            priority=priority, state=state, error=attempt.error, seed=seed, error_estimate=attempt.error_estimate,
+            priority=priority, state=state, error=attempt.error, seed=seed, details=details if picked else None,
+            error_estimate=attempt.error_estimate,
             quality_source=None if quality is None else "estimate",
         ))
     return records
 
 
-def badge(report: SamplingReport, selection: Any, router: str) -> dict:
-    """The node's UI payload: ``{"moe_run": [info], "text": [summary]}`` (see docs/NODES.md)."""
+def badge(report: SamplingReport, selection: Any, router: str, why: dict | None = None) -> dict:
+    """The node's UI payload: ``{"moe_run": [info], "text": [summary]}`` (see docs/NODES.md).
+
+    ``why`` (from :func:`moe_sampler.nodes.why.explain`, with ``router_info`` and ``settings``
+    added by the sampler) goes into ``info["why"]`` and its table into the text.
+    """
     info = {
         "expert": report.expert,
         "requested": report.attempts[0].expert,
@@ -360,4 +367,9 @@ def badge(report: SamplingReport, selection: Any, router: str) -> dict:
     how = "forced" if selection is None else f"confidence {selection.confidence:.0%}"
     fell = f" (fallback: {info['requested']} failed)" if report.fallback else ""
     text = f"{report.expert}{fell}: {report.nfe} model calls, {report.wall_seconds:.2f} s, {how}"
+    if why is not None:
+        from .why import text_lines
+
+        info["why"] = why
+        text = "\n".join([text, *text_lines(why, info)[:-1]])
     return {"moe_run": [info], "text": [text]}

@@ -18,7 +18,7 @@ from comfy_api.latest import io
 from ..experts import default_pool, expert_names, get_expert
 from ..router.features import state_from_conditioning
 from ..stats.report import MANUAL_ROUTER, router_label
-from . import bridge, comfy_experts, paths
+from . import bridge, comfy_experts, paths, why
 from .comfy_environment import sampled_latent_shape
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,10 @@ TOOLTIPS = {
                 "0.5 = balanced. Needs no retraining.",
     "router": "Router weights from models/moe_routers (.safetensors). '(built-in default)' is the untrained "
               "router that ranks experts by their descriptors.",
-    "mode": "'auto' lets the router choose; an expert name forces that expert (it must be in the pool). "
-            "To force a custom expert, connect a pool that holds only it. Forced runs are recorded with "
-            "router 'manual'.",
+    "mode": "'auto' lets the router choose; an expert name forces that expert. The list offers the experts of "
+            "the connected pool, custom ones included (all built-ins when the pool cannot be read from the "
+            "graph); the pool is checked again when the prompt runs. Forced runs are recorded with router "
+            "'manual'.",
     "temperature": "Exploration: 0 always takes the best-scored expert; higher values sometimes try others "
                    "(seeded by seed), which helps the router learn.",
     "denoise": "How much of the schedule to run, as in KSampler: 1.0 for txt2img, lower to keep more of "
@@ -78,14 +79,27 @@ class AdaptiveRun:
     selection: Any  # router.policy.Selection, or None when ``mode`` forced the expert
     router: str
     recorded: bool
+    pool: tuple = ()  # the experts the router chose from, in pool order
+    priority: float = 0.5
+    router_info: dict | None = None  # why.router_info: name and version of the router used
 
     @property
     def forced(self) -> bool:
         return self.selection is None
 
+    def explain(self) -> dict:
+        """What the router expected from every pool expert, the pick's lead, router and settings."""
+        details = why.explain(self.selection, self.pool, self.priority, self.report)
+        details["router"] = self.router_info or {"label": self.router}
+        ran = next((e for e in self.pool if e.name == self.report.expert), None)
+        if ran is None and self.report.expert in expert_names(include_compat=True):
+            ran = get_expert(self.report.expert)  # the fallback expert, outside the pool
+        details["settings"] = why.settings(ran) if ran is not None else {"name": self.report.expert}
+        return details
+
     def ui(self) -> dict:
-        """Badge data for web/ (``ui.moe_run``) and a one-line summary (``ui.text``)."""
-        return bridge.badge(self.report, self.selection, self.router)
+        """Node payload: ``ui.moe_run`` (run info with ``why``) and ``ui.text`` (summary and table)."""
+        return bridge.badge(self.report, self.selection, self.router, why=self.explain())
 
 
 def _record(store: Any, attempts: Sequence[bridge.Attempt], **fields: Any) -> bool:
@@ -118,19 +132,23 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
                                     max(cfg, MIN_FEATURE_CFG), denoise, comfy_experts.model_family(model), priority,
                                     "interactive")
     selection = None
+    router_info = None
     if forced is None:
-        selection = paths.load_router(router).select(state, pool, priority=priority, temperature=temperature,
-                                                     seed=seed)
+        routing = paths.load_router(router)
+        selection = routing.select(state, pool, priority=priority, temperature=temperature, seed=seed)
+        router_info = why.router_info(routing, router_label(router))
     expert = forced if forced is not None else pool[selection.index]
     label = MANUAL_ROUTER if forced is not None else router_label(router)
+    details = why.record_details(selection, pool, priority, router_info or {"label": label}, expert)
     attempts: list[bridge.Attempt] = []
     try:
         latent, report = bridge.sample_with_expert(model, expert, positive, negative, latent_image, seed, cfg,
                                                    denoise, callback=callback, preview=preview, attempts=attempts)
     finally:
         recorded = _record(paths.stats_store() if store is None else store, attempts, state=state,
-                           selection=selection, router=label, priority=priority, seed=seed)
-    return AdaptiveRun(latent, report, selection, label, recorded)
+                           selection=selection, router=label, priority=priority, seed=seed,
+                           details=details)
+    return AdaptiveRun(latent, report, selection, label, recorded, pool, priority, router_info)
 
 
 def _notify(payload: dict, node_id: Any) -> None:
@@ -143,6 +161,49 @@ def _notify(payload: dict, node_id: Any) -> None:
         instance.send_sync(EVENT, {**payload, "node_id": node_id}, sid=getattr(instance, "client_id", None))
     except Exception:
         logger.debug("could not send %s", EVENT, exc_info=True)
+
+
+def _save_chart(image: Any) -> list[dict]:
+    """Save the "why this expert" chart in ComfyUI's temp folder like Preview Image does; the
+    entries are the node's ``ui.images`` (shown by both frontends, kept in /history)."""
+    import os
+
+    import folder_paths
+
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        "moe_why", folder_paths.get_temp_directory(), image.width, image.height)
+    name = f"{filename}_{counter:05}_.png"
+    image.save(os.path.join(folder, name), compress_level=1)
+    return [{"filename": name, "subfolder": subfolder, "type": "temp"}]
+
+
+def _add_image_metadata(extra_pnginfo: Any, node_id: Any, info: dict, inputs: dict) -> None:
+    """Put what reproduces this run into the prompt's ``extra_pnginfo``, which core's Save Image
+    writes into every PNG it saves afterwards (key ``moe_sampler``: one entry per sampler run).
+
+    ``extra_pnginfo`` is the dict ComfyUI passes to every node of the prompt (the frontend
+    sends it with the workflow; an API prompt without ``extra_data.extra_pnginfo`` has none and
+    gets no metadata)."""
+    if not isinstance(extra_pnginfo, dict):
+        return
+    why_data = info.get("why", {})
+    entry = {
+        "node": None if node_id is None else str(node_id),
+        "expert": info["expert"],
+        "settings": why_data.get("settings"),
+        "router": why_data.get("router", {"label": info["router"]}),
+        "priority": why_data.get("priority"),
+        **inputs,
+        "fallback": info["fallback"],
+        "model_calls": info["nfe"],
+        "seconds": info["seconds"],
+        "expected": why_data.get("experts", []),
+        "why": why_data.get("summary"),
+    }
+    runs = extra_pnginfo.get("moe_sampler")
+    if not isinstance(runs, list):
+        runs = extra_pnginfo["moe_sampler"] = []
+    runs.append(entry)
 
 
 class MoEAdaptiveSampler(io.ComfyNode):
@@ -177,7 +238,7 @@ class MoEAdaptiveSampler(io.ComfyNode):
                 ExpertPoolType.Input("expert_pool", optional=True, tooltip=t["expert_pool"]),
             ],
             outputs=[io.Latent.Output(tooltip="The denoised latent.")],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
         )
 
     @classmethod
@@ -204,7 +265,12 @@ class MoEAdaptiveSampler(io.ComfyNode):
         run = run_adaptive(model, positive, negative, latent_image, seed, cfg, priority, router, mode, temperature,
                            denoise, expert_pool)
         ui = run.ui()
-        _notify(ui["moe_run"][0], getattr(cls.hidden, "unique_id", None))
+        node_id = getattr(cls.hidden, "unique_id", None)
+        info = ui["moe_run"][0]
+        ui["images"] = _save_chart(why.why_chart(info["why"], info))
+        _add_image_metadata(getattr(cls.hidden, "extra_pnginfo", None), node_id, info,
+                            {"seed": seed, "cfg": cfg, "denoise": denoise, "temperature": temperature, "mode": mode})
+        _notify(info, node_id)
         return io.NodeOutput(run.latent, ui=ui)
 
 

@@ -134,6 +134,75 @@ def train_router(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequenc
         return _train(model, clip, plan, expert_pool, node_id, reference_steps)
 
 
+class _PreviewingEnvironment(ComfyEnvironment):
+    """The training environment, keeping the latest run's latent for the progress preview."""
+
+    last_samples: Any = None
+
+    def _sample(self, context: Any, expert: Any, attempts: list | None = None) -> tuple[Any, Any]:
+        self.last_samples = None
+        latent, report = super()._sample(context, expert, attempts)
+        self.last_samples = latent.get("samples") if isinstance(latent, dict) else None
+        return latent, report
+
+
+class TrainingProgress:
+    """The trainer's progress bar: one unit per expert run (an episode of a full sweep runs every
+    pool expert, a bandit episode one), and the run's image as the node's preview.
+
+    Within an episode the bar stops one unit short of the episode's end, which only
+    :meth:`episode_done` reaches (after the episode's checkpoint is written); a cached run (a
+    context seen before) reports no run, so the bar then jumps at the episode's end.
+    """
+
+    def __init__(self, episodes: int, runs_per_episode: int, node_id: Any, model: Any) -> None:
+        import comfy.utils
+
+        self.runs = max(int(runs_per_episode), 1)
+        self.total = max(int(episodes), 1) * self.runs
+        self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
+        self.done = 0
+        self.in_episode = 0
+        self.previewer = _previewer(model)
+
+    def episode_done(self, episodes: int) -> None:
+        self.done, self.in_episode = episodes, 0
+        self.bar.update_absolute(min(episodes * self.runs, self.total), self.total)
+
+    def expert_run(self, samples: Any) -> None:
+        self.in_episode = min(self.in_episode + 1, self.runs - 1)
+        value = min(self.done * self.runs + self.in_episode, self.total)
+        self.bar.update_absolute(value, self.total, self._preview(samples))
+
+    def _preview(self, samples: Any) -> Any:
+        if self.previewer is None or samples is None or getattr(samples, "is_nested", False):
+            return None
+        try:
+            return self.previewer.decode_latent_to_preview_image("JPEG", samples)
+        except Exception:  # a preview must never stop training
+            logger.debug("no training preview", exc_info=True)
+            return None
+
+
+def _previewer(model: Any) -> Any:
+    """ComfyUI's latent previewer for ``model`` (the one ``--preview-method`` selects), else the
+    cheap latent-to-RGB map when the model's latent format has one; None when neither exists."""
+    try:
+        import comfy.model_management
+        import latent_preview
+
+        latent_format = model.model.latent_format
+        previewer = latent_preview.get_previewer(comfy.model_management.get_torch_device(), latent_format)
+        if previewer is None and getattr(latent_format, "latent_rgb_factors", None) is not None:
+            previewer = latent_preview.Latent2RGBPreviewer(latent_format.latent_rgb_factors,
+                                                           getattr(latent_format, "latent_rgb_factors_bias", None),
+                                                           getattr(latent_format, "latent_rgb_factors_reshape", None))
+        return previewer
+    except Exception:
+        logger.debug("no latent previewer for this model", exc_info=True)
+        return None
+
+
 def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any] | None, node_id: Any,
            reference_steps: int) -> TrainingOutcome:
     import comfy.model_management
@@ -150,12 +219,15 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
     store = paths.stats_store()
     recorded = [0]
 
+    progress = TrainingProgress(plan.episodes, len(pool) if plan.mode == "sweep" else 1, node_id, model)
+
     def on_run(run: ExpertRunReport) -> None:
         recorded[0] += _record_run(store, save_path.name, plan.mode, run)
+        progress.expert_run(environment.last_samples if run.success else None)
 
     contexts = training_contexts(len(plan.prompts), plan.sizes, plan.cfgs, plan.seeds_per_prompt)
-    environment = ComfyEnvironment(model, clip, plan.prompts, plan.negative, contexts, reference_steps, on_run,
-                                   priority=plan.priority)
+    environment = _PreviewingEnvironment(model, clip, plan.prompts, plan.negative, contexts, reference_steps, on_run,
+                                         priority=plan.priority)
     try:
         trainer = MoERLTrainer(environment, _initial_router(plan, save_path, checkpoint), list(pool), mode=plan.mode,
                                seed=TRAINING_SEED, checkpoint_path=checkpoint, checkpoint_every=1)
@@ -171,9 +243,8 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
             f"{plan.episodes} asked; set episodes above {resumed_from} to train further, or turn resume off to "
             f"start over"
         )
-    progress = comfy.utils.ProgressBar(plan.episodes, node_id=node_id)
-    progress.update_absolute(min(resumed_from, plan.episodes), plan.episodes)
-    result = trainer.train(plan.episodes, progress=lambda done, total, info: progress.update_absolute(done, total),
+    progress.episode_done(min(resumed_from, plan.episodes))
+    result = trainer.train(plan.episodes, progress=lambda done, total, info: progress.episode_done(done),
                            should_stop=comfy.model_management.processing_interrupted)
     store.flush(timeout=10)
     if result.stopped:

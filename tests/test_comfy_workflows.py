@@ -15,6 +15,7 @@ import os
 import re
 import sqlite3
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -43,8 +44,8 @@ SMALL_TRAINING = {"prompts": "a red apple on a table", "negative_prompt": "blurr
 def declared_node_ids() -> set[str]:
     """Node ids the pack's node modules declare (read from the source, no ComfyUI import)."""
     ids = set()
-    for module in ("sampler_nodes.py", "training_nodes.py"):
-        ids |= set(re.findall(r'node_id="(MoE\w+)"', (ROOT / "nodes" / module).read_text(encoding="utf-8")))
+    for module in sorted((ROOT / "nodes").rglob("*.py")):
+        ids |= set(re.findall(r'node_id="(MoE\w+)"', module.read_text(encoding="utf-8")))
     return ids
 
 
@@ -162,19 +163,55 @@ def test_labels_route_serves_the_one_definition_of_the_router_labels(server):
 
 def test_example_workflows_are_served_as_templates(server):
     templates = server.get_json("/api/workflow_templates")
-    listed = next(iter(v for k, v in templates.items() if "moe_sampler" in k))
+    module, listed = next(iter((k, v) for k, v in templates.items() if "moe_sampler" in k))
     assert {f"{p.stem}" for p in WORKFLOWS.glob("*.json")} <= set(listed)
+    # What the template browser fetches: the workflow and its thumbnail, <name>.jpg.
+    for name in listed:
+        base = f"/api/workflow_templates/{urllib.parse.quote(module)}/{urllib.parse.quote(name)}"
+        assert "nodes" in server.get_json(base + ".json")
+        assert server.get_bytes(base + ".jpg")[:3] == b"\xff\xd8\xff", f"{name}: no JPEG thumbnail"
 
 
 # ------------------------------------------------------------------------- example workflows
 
 
+def png_text(path: Path) -> dict:
+    """The text chunks of a PNG (ComfyUI writes its metadata there)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
 def test_text_to_image_workflow(server, object_info):
     before = len(store_rows(server))
-    prompt = load_prompt("moe_text_to_image.json", object_info, {"MoEAdaptiveSampler": {"seed": 11}})
-    entry = run_ok(server, prompt)
+    prompt = load_prompt("MoE Text to Image.json", object_info, {"MoEAdaptiveSampler": {"seed": 11}})
+    # As the browser sends it: extra_pnginfo carries the workflow; the sampler adds its run to it.
+    entry = server.wait_for(server.queue_prompt(prompt, extra_data={"extra_pnginfo": {"workflow": {"nodes": []}}}))
+    assert entry["status"]["status_str"] == "success", status_messages(entry)
     sampler = node_of(prompt, "MoEAdaptiveSampler")
     run = entry["outputs"][sampler]["moe_run"][0]
+    # Why this expert: every pool expert's expected quality and model calls, the pick and its lead.
+    why = run["why"]
+    assert [e["expert"] for e in why["experts"]] == ["QualityMaster", "SpeedDemon", "BalancedMaster", "EarlyStopper",
+                                                      "NoiseAdaptive"]
+    assert all(0 <= e["expected_quality"] <= 1 and e["expected_calls"] >= 1 for e in why["experts"])
+    assert [e["expert"] for e in why["experts"] if e["picked"]] == [run["expert"]]
+    assert why["lead"] >= 0 and "expected quality" in why["summary"] and why["router"]["label"] == "default"
+    assert why["settings"]["name"] == run["expert"] and "solver" in why["settings"]
+    assert "model calls" in entry["outputs"][sampler]["text"][0]
+    chart = output_images(server, entry, sampler)
+    assert chart and chart[0].is_file(), "the why chart is the sampler's image output"
+    # The saved image says what produced it.
+    saved = png_text(output_images(server, entry, node_of(prompt, "SaveImage"))[0])
+    (meta,) = json.loads(saved["moe_sampler"])
+    assert meta["expert"] == run["expert"] and meta["node"] == sampler and meta["seed"] == 11
+    assert meta["settings"]["name"] == run["expert"] and meta["router"]["label"] == "default"
+    assert meta["priority"] == 0.5 and len(meta["expected"]) == 5
+    # ... and so does its stats row.
+    details = json.loads(wait_rows(server, before + 1)[-1]["details"])
+    assert [e["expert"] for e in details["experts"]] == [e["expert"] for e in why["experts"]]
+    assert details["settings"]["name"] == run["expert"]
     assert run["expert"] and run["nfe"] > 0 and run["seconds"] > 0 and 0 <= run["confidence"] <= 1
     assert run["router"] == "default" and run["fallback"] is False
     images = output_images(server, entry, node_of(prompt, "SaveImage"))
@@ -187,7 +224,7 @@ def test_text_to_image_workflow(server, object_info):
 
 def test_custom_expert_pool_workflow(server, object_info):
     before = len(store_rows(server))
-    prompt = load_prompt("moe_custom_expert_pool.json", object_info,
+    prompt = load_prompt("MoE Custom Expert Pool.json", object_info,
                          {"MoEAdaptiveSampler": {"seed": 12}, "MoEExpertPool": {"SpeedDemon": False,
                                                                                 "BalancedMaster": False}})
     pool_names = {f"{n['inputs']['sampler_name']}/{n['inputs']['scheduler']}/{n['inputs']['steps']}"
@@ -199,11 +236,47 @@ def test_custom_expert_pool_workflow(server, object_info):
     assert wait_rows(server, before + 1)[-1]["expert"] == run["expert"]
 
 
+def test_ab_compare_workflow_matches_core_ksampler(server, object_info):
+    prompt = load_prompt("MoE AB Compare with KSampler.json", object_info,
+                         {"MoEABCompare": {"seed": 31, "baseline_steps": 6}})
+    entry = run_ok(server, prompt)
+    ab = node_of(prompt, "MoEABCompare")
+    ui = entry["outputs"][ab]
+    info = ui["moe_run"][0]
+    text = ui["text"][0]
+    assert info["ab"]["baseline"]["expert"] == "euler/normal/6" and info["ab"]["baseline"]["model_calls"] == 6
+    assert info["ab"]["moe"]["expert"] == info["expert"] and info["ab"]["calls_change"] is not None
+    assert "MoE pick" in text and "Baseline" in text and "model calls" in text
+    saves = sorted(k for k, n in prompt.items() if n["class_type"] == "SaveImage")
+    images = {prompt[k]["inputs"]["filename_prefix"]: output_images(server, entry, k)[0] for k in saves}
+    assert set(images) == {"moe_ab/moe", "moe_ab/baseline"}
+
+    # The baseline is exactly core KSampler with the same settings and seed.
+    from PIL import Image
+
+    core = json.loads(json.dumps(prompt))
+    inputs = core[ab]["inputs"]
+    core[ab] = {"class_type": "KSampler", "inputs": {
+        "model": inputs["model"], "positive": inputs["positive"], "negative": inputs["negative"],
+        "latent_image": inputs["latent_image"], "seed": 31, "steps": 6, "cfg": inputs["cfg"],
+        "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    baseline_save = next(k for k in saves if prompt[k]["inputs"]["filename_prefix"] == "moe_ab/baseline")
+    core = {k: v for k, v in core.items() if k != next(s for s in saves if s != baseline_save)}
+    core[baseline_save]["inputs"]["filename_prefix"] = "moe_ab/core_ksampler"
+    decode = core[baseline_save]["inputs"]["images"][0]
+    core[decode]["inputs"]["samples"] = [ab, 0]
+    core = {k: v for k, v in core.items() if k == ab or k == baseline_save or k == decode
+            or v["class_type"] not in ("VAEDecode",)}
+    reference = output_images(server, run_ok(server, core), baseline_save)[0]
+    with Image.open(images["moe_ab/baseline"]) as a, Image.open(reference) as b:
+        assert a.tobytes() == b.tobytes(), "the A/B baseline differs from core KSampler"
+
+
 def test_router_training_workflow_saves_a_router_the_sampler_uses(server, object_info):
     from moe_sampler.router.model import Router
 
     before = len(store_rows(server))
-    prompt = load_prompt("moe_router_training.json", object_info, {
+    prompt = load_prompt("MoE Router Training (quick start).json", object_info, {
         "MoERouterTrainer": {**SMALL_TRAINING, "router_name": "trained_in_test", "resume": False},
         "MoEExpertPool": CHEAP_POOL})
     entry = run_ok(server, prompt)
@@ -226,7 +299,7 @@ def test_router_training_workflow_saves_a_router_the_sampler_uses(server, object
     listed = next(r for r in routers if r["name"] == "trained_in_test.safetensors")
     assert listed["compatible"] is True and listed["training"]["contexts"] == SMALL_TRAINING["episodes"]
 
-    sample = load_prompt("moe_text_to_image.json", server.object_info(),
+    sample = load_prompt("MoE Text to Image.json", server.object_info(),
                          {"MoEAdaptiveSampler": {"seed": 13, "router": "trained_in_test.safetensors"}})
     run = run_ok(server, sample)["outputs"][node_of(sample, "MoEAdaptiveSampler")]["moe_run"][0]
     assert run["router"] == "trained_in_test.safetensors"
@@ -235,7 +308,7 @@ def test_router_training_workflow_saves_a_router_the_sampler_uses(server, object
 def test_stats_workflow_shows_the_recorded_runs(server, object_info):
     rows = store_rows(server)
     assert rows, "runs from the earlier workflows should be in the store"
-    prompt = load_prompt("moe_stats.json", object_info)
+    prompt = load_prompt("MoE Stats.json", object_info)
     entry = run_ok(server, prompt)
     ui = entry["outputs"][node_of(prompt, "MoEStats")]
     table, payload = ui["text"][0], ui["moe_stats"][0]
@@ -245,7 +318,7 @@ def test_stats_workflow_shows_the_recorded_runs(server, object_info):
     assert output_images(server, entry, node_of(prompt, "PreviewImage"))[0].is_file()
 
     # Re-queued unchanged after new runs, the node re-executes (its fingerprint follows the store).
-    run_ok(server, load_prompt("moe_text_to_image.json", object_info, {"MoEAdaptiveSampler": {"seed": 14}}))
+    run_ok(server, load_prompt("MoE Text to Image.json", object_info, {"MoEAdaptiveSampler": {"seed": 14}}))
     wait_rows(server, len(rows) + 1)
     again = run_ok(server, prompt)["outputs"][node_of(prompt, "MoEStats")]["moe_stats"][0]
     assert again["runs"] == len(rows) + 1
@@ -277,12 +350,13 @@ def test_interrupted_training_keeps_the_store_and_resumes(server, object_info):
     before = store_rows(server)
     name = "interrupted_router"
     settings = {**SMALL_TRAINING, "seeds_per_prompt": 4, "episodes": 8, "router_name": name, "resume": True}
-    prompt = load_prompt("moe_router_training.json", object_info,
+    prompt = load_prompt("MoE Router Training (quick start).json", object_info,
                          {"MoERouterTrainer": settings, "MoEExpertPool": CHEAP_POOL})
     trainer = node_of(prompt, "MoERouterTrainer")
     # After the first episode: its checkpoint is on disk, three fresh contexts are still to run.
+    # The bar counts expert runs (2 per episode with the cheap pool); a full episode is max / episodes.
     _interrupt_when(server, prompt, lambda e: e["type"] == "progress" and e["data"].get("node") == trainer
-                    and e["data"]["value"] >= 1)
+                    and e["data"]["value"] >= e["data"]["max"] // settings["episodes"])
 
     assert store_integrity(server) == "ok"
     after = store_rows(server)
@@ -303,7 +377,7 @@ def test_interrupted_training_keeps_the_store_and_resumes(server, object_info):
 
 def test_interrupted_sampling_records_the_run_as_failed(server, object_info):
     before = store_rows(server)
-    prompt = load_prompt("moe_custom_expert_pool.json", object_info, {
+    prompt = load_prompt("MoE Custom Expert Pool.json", object_info, {
         "MoEAdaptiveSampler": {"seed": 15, "mode": "euler/karras/200"},
         "MoEExpert": {"steps": 200, "sampler_name": "euler", "scheduler": "karras", "stop_rule": "none"}})
     sampler = node_of(prompt, "MoEAdaptiveSampler")
@@ -337,8 +411,8 @@ def _rejected(server: ComfyServer, prompt: dict) -> str:
 ])
 def test_bad_input_is_rejected_naming_the_input(server, object_info, node_type, inputs, named):
     before = store_rows(server)
-    workflow = {"MoEAdaptiveSampler": "moe_text_to_image.json", "MoERouterTrainer": "moe_router_training.json",
-                "MoEStats": "moe_stats.json"}[node_type]
+    workflow = {"MoEAdaptiveSampler": "MoE Text to Image.json", "MoERouterTrainer": "MoE Router Training (quick start).json",
+                "MoEStats": "MoE Stats.json"}[node_type]
     body = _rejected(server, load_prompt(workflow, object_info, {node_type: inputs}))
     assert f"{named}:" in body or f'"{named}"' in body, body
     assert store_rows(server) == before
@@ -346,7 +420,7 @@ def test_bad_input_is_rejected_naming_the_input(server, object_info, node_type, 
 
 def test_forced_expert_outside_the_pool_fails_naming_mode(server, object_info):
     before = store_rows(server)
-    prompt = load_prompt("moe_custom_expert_pool.json", object_info,
+    prompt = load_prompt("MoE Custom Expert Pool.json", object_info,
                          {"MoEAdaptiveSampler": {"seed": 16, "mode": "SpeedDemon"},
                           "MoEExpertPool": {"SpeedDemon": False}})
     entry = server.wait_for(server.queue_prompt(prompt))

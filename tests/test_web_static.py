@@ -19,7 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "web"
 WORKFLOWS = ROOT / "example_workflows"
-CORE_NODES = {"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "VAEDecode", "SaveImage", "PreviewImage"}
+CORE_NODES = {"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "VAEDecode", "SaveImage", "PreviewImage",
+              "Note"}  # Note: the frontend's own note node (never sent to the server)
 SCRIPTS = sorted(WEB.glob("**/*.js"))
 EXAMPLES = sorted(WORKFLOWS.glob("*.json"))
 
@@ -67,7 +68,35 @@ def test_script_speaks_the_pack_protocol():
 
 def test_there_is_an_example_for_each_feature():
     names = {path.stem for path in EXAMPLES}
-    assert {"moe_text_to_image", "moe_router_training", "moe_stats", "moe_custom_expert_pool"} <= names
+    assert {"MoE Text to Image", "MoE Router Training (quick start)", "MoE Stats", "MoE Custom Expert Pool",
+            "MoE AB Compare with KSampler"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_workflow_is_a_usable_template(path):
+    """The template browser of ComfyUI 0.8.0 shows a custom node template's file name as its title
+    and ``<name>.jpg`` next to it as its thumbnail; a note says which model the graph needs."""
+    assert path.stem.startswith("MoE ") and " " in path.stem and "_" not in path.stem, "a readable title"
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"{path.name}: no thumbnail {thumbnail.name}"
+    head = thumbnail.read_bytes()[:3]
+    assert head == b"\xff\xd8\xff", f"{thumbnail.name} is not a JPEG"
+    workflow = json.loads(path.read_text(encoding="utf-8"))
+    notes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "Note"]
+    assert notes, f"{path.name}: no note node"
+    if any(n["type"] == "CheckpointLoaderSimple" for n in workflow["nodes"]):
+        assert any("models/checkpoints" in text for text in notes), "the note names the model folder"
+    else:
+        assert any("no model" in text.lower() for text in notes)
+
+
+def test_training_template_is_quick():
+    """The training template's defaults stay small: 512x512 only, few episodes, a short reference."""
+    workflow = json.loads((WORKFLOWS / "MoE Router Training (quick start).json").read_text(encoding="utf-8"))
+    trainer = next(n for n in workflow["nodes"] if n["type"] == "MoERouterTrainer")
+    prompts, _, sizes, cfgs, _, episodes, seeds, mode, *_rest, reference_steps = trainer["widgets_values"]
+    contexts = len([p for p in prompts.splitlines() if p.strip()]) * len(sizes.split(",")) * len(cfgs.split(",")) * seeds
+    assert sizes == "512x512" and episodes <= 10 and reference_steps <= 30 and contexts <= 4 and mode == "full sweep"
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
