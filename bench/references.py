@@ -1,6 +1,7 @@
 """How accurate and how expensive are the references that grade the experts?
 
     OMP_NUM_THREADS=1 python -m bench.references [--contexts 40] [--seed 0]
+    OMP_NUM_THREADS=1 python -m bench.references --learned [--contexts 12]
 
 On a fixed set of held-out analytic contexts (``VARIED_CONDITIONS``, a third of them img2img),
 for several reference settings (Dormand-Prince tolerance ``rtol``; ``start_grid``: img2img
@@ -16,6 +17,11 @@ start at the same grid sigma share one reference):
 
 The ComfyUI training node's reference (DPM-Solver++(3M), Karras, 100 steps) is measured the same
 way on the same contexts, as an expert of the pool's family.
+
+``--learned``: the same on the shipped learned digits model (``experts/learned.py``) through the
+generic ``DenoiserEnvironment`` and ``PromptContexts`` (classes 0-9, cfg 1 to 7.5, 30% img2img
+from the shipped digits), with the tight solve at rtol 1e-7 (the UNet computes in float32) and
+the model's own RK4 reference (100 steps) measured too.
 """
 
 from __future__ import annotations
@@ -127,13 +133,79 @@ def ratio_summary(best: np.ndarray, ref: np.ndarray) -> str:
             f"min {floored.min():.3g}, >= 10x on {np.mean(floored >= 10):.0%}")
 
 
+def learned_environment(rtol: float, grid: int | None, n: int, seed: int):
+    """A DenoiserEnvironment on the learned digits model with a fixed list of ``n`` contexts."""
+    import random
+
+    from moe_sampler.experts.learned import NULL_CLASS, load_learned_model
+    from moe_sampler.router.environment import DenoiserEnvironment, PromptContexts
+
+    model = load_learned_model()
+    images = torch.cat([model.data_images(k) for k in range(model.num_classes)])
+    source = PromptContexts(list(range(model.num_classes)), None, model.latent_shape,
+                            cfgs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.5), img2img_fraction=0.3, denoise_range=(0.15, 0.9),
+                            images=images, images_per_prompt=True,
+                            state_conditioning=[model.class_embeddings[k:k + 1] for k in range(model.num_classes)],
+                            state_negative=model.class_embeddings[NULL_CLASS:], relative_error=model.relative_error)
+    rng = random.Random(1_000_003 * seed + 17)
+    source.contexts = [source.draw(rng) for _ in range(n)]
+    env = DenoiserEnvironment(model, source, DormandPrince(rtol), start_grid=grid)
+    env.contexts = source.contexts
+    return model, env
+
+
+def main_learned(n: int, seed: int) -> None:
+    pool = default_pool()
+    tight = DormandPrince(1e-7)
+    print(f"{n} contexts on the learned digits model (seed {seed}), pool: {', '.join(e.name for e in pool)}")
+    base = None
+    for rtol, grid in ((1e-5, None), (1e-5, 20)):
+        model, env = learned_environment(rtol, grid, n, seed)
+        start = time.perf_counter()
+        rows = [env.evaluate(c, pool) for c in env.contexts]
+        quality = np.array([[o.quality for o in r] for r in rows])
+        error = np.array([[o.relative_error for o in r] for r in rows])
+        base = quality if base is None else base
+        img2img = [c for c in env.contexts if c.denoise < 1]
+        refs_per = (sum(1 for key in env._references if key[0].denoise < 1) / len(img2img)) if img2img else math.nan
+        print(f"rtol {rtol:g} grid {grid}: reference calls {env.calls['reference']}, expert calls "
+              f"{env.calls['experts']}, reference share {env.reference_share:.1%}, references per img2img context "
+              f"{refs_per:.2f} ({len(img2img)} img2img contexts), mean / max |dq| vs the first "
+              f"{np.abs(quality - base).mean():.4f} / {np.abs(quality - base).max():.4f}, "
+              f"{time.perf_counter() - start:.0f} s")
+        best = np.nanmin(np.where(np.isfinite(error), error, np.nan), axis=1)
+        ref_err, rk4_err = [], []
+        for context in env.contexts:
+            args, schedule = env.extra_args(context), env.schedule_for(context)
+            worst = worst_rk4 = 0.0
+            for sigma in sorted({float(env.expert_sigmas(context, e)[0]) for e in pool}):
+                x, reference = env.start(context, sigma)
+                exact = tight(model, x, sigma, args, schedule)
+                worst = max(worst, float(model.relative_error(reference, exact).mean()))
+                rk4 = model.reference(x, sigma, cond=context.prompt, cfg=context.cfg)
+                worst_rk4 = max(worst_rk4, float(model.relative_error(rk4, exact).mean()))
+            ref_err.append(worst)
+            rk4_err.append(worst_rk4)
+        ref_err, rk4_err = np.array(ref_err), np.array(rk4_err)
+        print(f"  Dormand-Prince rtol {rtol:g}: error median {np.median(ref_err):.2e}, max {ref_err.max():.2e}; "
+              f"best expert error median {np.median(best):.2e}, min {best.min():.2e}")
+        print(f"    {ratio_summary(best, ref_err)}")
+        print(f"  the model's RK4 reference (100 steps, 401 calls): error median {np.median(rk4_err):.2e}, "
+              f"max {rk4_err.max():.2e}")
+        print(f"    {ratio_summary(best, rk4_err)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-accuracy", action="store_true", help="skip the tight reference solves")
+    parser.add_argument("--learned", action="store_true", help="measure on the shipped learned model instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.learned:
+        main_learned(args.contexts, args.seed)
+        return
     pool = default_pool()
     lam = lambda_from_priority(0.5)
     base = None

@@ -139,14 +139,17 @@ class DormandPrince:
 
     An adaptive Runge-Kutta pair is a different family from the experts it grades (multistep
     DPM-Solver++, DPM-Solver-1/2 pairs, Euler/DDPM): its errors do not line up with theirs.
-    ``dtype`` is what the state is integrated in (float64 for the analytic model; the model's
-    own dtype for a network, with an ``rtol`` it can resolve).
+    ``dtype`` is what the state is integrated in (float64; a float32 network's outputs are cast
+    to it). ``atol``: the absolute tolerance (``rtol / 100`` by default); a float32 network's
+    rounding sets a floor on what a step's error estimate can resolve, so a larger ``atol`` saves
+    calls there (see docs/ROUTER.md for what the learned model needs).
     """
 
-    def __init__(self, rtol: float = 1e-5, sigma_end: float | None = None, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, rtol: float = 1e-5, sigma_end: float | None = None, dtype: torch.dtype = torch.float64,
+                 atol: float | None = None) -> None:
         if not (0 < rtol < 1):
             raise ValueError(f"rtol must be in (0, 1), got {rtol}")
-        self.rtol, self.sigma_end, self.dtype = rtol, sigma_end, dtype
+        self.rtol, self.sigma_end, self.dtype, self.atol = rtol, sigma_end, dtype, atol
 
     def __call__(self, model: Denoiser, x: Tensor, sigma_start: float, extra_args: dict,
                  schedule: ModelSchedule) -> Tensor:
@@ -158,7 +161,7 @@ class DormandPrince:
             sigma = torch.full((b,), math.exp(t), dtype=self.dtype, device=x_.device)
             return x_ - model(x_, sigma, **extra_args)
 
-        x = _dopri5(f, x, math.log(sigma_start), math.log(sigma_end), rtol=self.rtol)
+        x = _dopri5(f, x, math.log(sigma_start), math.log(sigma_end), rtol=self.rtol, atol=self.atol)
         return model(x, torch.full((b,), sigma_end, dtype=self.dtype, device=x.device), **extra_args)
 
 
@@ -374,6 +377,8 @@ class PromptContexts:
             when ``img2img_fraction > 0``); or ``images_per_prompt`` of them per prompt.
         contexts: when set, draw from this fixed list instead of fresh contexts.
         extra: more extra_args for the model (e.g. ``{"model_options": ...}``).
+        relative_error: ``(x, reference) -> [B]`` per-sample error (default ``rms(x - reference)
+            / rms(reference)``), e.g. a model's error relative to its data rms.
     """
 
     def __init__(self, prompts: Sequence[Tensor], negative: Tensor | None, latent_shape: Sequence[int],
@@ -381,7 +386,8 @@ class PromptContexts:
                  denoise_range: tuple[float, float] = (0.3, 0.9), images: Tensor | None = None,
                  images_per_prompt: bool = False, contexts: Sequence[PromptContext] | None = None,
                  extra: dict | None = None, state_conditioning: Sequence[Tensor] | None = None,
-                 state_negative: Tensor | None = None) -> None:
+                 state_negative: Tensor | None = None,
+                 relative_error: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
         if not prompts:
             raise ValueError("prompts: give at least one conditioning tensor [1, tokens, width]")
         if len(tuple(latent_shape)) < 1:
@@ -395,6 +401,7 @@ class PromptContexts:
         self.images, self.images_per_prompt = images, images_per_prompt
         self.contexts = list(contexts) if contexts is not None else None
         self.extra = dict(extra or {})
+        self._relative_error = relative_error
         self.state_conditioning = list(state_conditioning) if state_conditioning is not None else self.prompts
         self.state_negative = state_negative if state_negative is not None else negative
         if len(self.state_conditioning) != len(self.prompts) or not all(
@@ -432,6 +439,11 @@ class PromptContexts:
         if self.images_per_prompt:
             index = context.prompt * (len(self.images) // len(self.prompts)) + context.image
         return self.images[index:index + 1]
+
+    def relative_error(self, context: PromptContext, x: Tensor, reference: Tensor) -> Tensor:
+        if self._relative_error is not None:
+            return self._relative_error(x, reference)
+        return relative_rms_error(x, reference)
 
     def state(self, context: PromptContext, priority: float, source: str = "training") -> Tensor:
         negative = [[self.state_negative, {}]] if isinstance(self.state_negative, Tensor) else None

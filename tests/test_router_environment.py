@@ -19,6 +19,7 @@ from moe_sampler.router.environment import (
     Conditions,
     DenoiserEnvironment,
     DormandPrince,
+    PromptContext,
     PromptContexts,
 )
 from moe_sampler.router.features import STATE_DIM
@@ -179,6 +180,10 @@ def test_prompt_contexts_train_a_router_on_any_denoiser():
     result = MoERLTrainer(env, Router.default(), [get_expert("SpeedDemon"), get_expert("BalancedMaster")],
                           seed=0).train(3)
     assert result.episodes == 3 and all(math.isfinite(r) for r in result.rewards)
+    fixed = PromptContexts(prompts, None, (2, 6, 6), relative_error=lambda x, ref: torch.full((len(x),), 0.01))
+    outcome = DenoiserEnvironment(_embedding_denoiser(), fixed, schedule=ModelSchedule(0.03, 14.6)).evaluate(
+        PromptContext(0, 1.0, 5), [get_expert("SpeedDemon")])[0]
+    assert outcome.relative_error == pytest.approx(0.01)  # the source's error measure is used
     with pytest.raises(ValueError, match="images"):
         PromptContexts(prompts, None, (2, 6, 6), img2img_fraction=0.5)
     with pytest.raises(ValueError, match="state_conditioning"):
