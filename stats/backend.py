@@ -66,6 +66,11 @@ class Backend:
         """A write transaction that takes the write lock up front."""
         raise NotImplementedError
 
+    def insert(self, conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` with ``sql`` in one transaction (all or none)."""
+        with self.transaction(conn), contextlib.closing(conn.cursor()) as cursor:
+            cursor.executemany(sql, rows)
+
     def stream(self, conn: Any, sql: str, params: Any = ()) -> ContextManager[Iterator[Any]]:
         """Rows of one consistent snapshot, fetched a batch at a time."""
         raise NotImplementedError

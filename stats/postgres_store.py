@@ -139,6 +139,12 @@ class PostgresBackend(Backend):
         with conn.transaction():
             yield
 
+    def insert(self, conn: Any, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if len(rows) == 1:  # in autocommit one statement is its own transaction: one round trip, not three
+            conn.execute(sql, rows[0])
+        else:
+            super().insert(conn, sql, rows)
+
     @contextlib.contextmanager
     def stream(self, conn: Any, sql: str, params: Any = ()) -> Iterator[Any]:
         # A server-side cursor in one transaction: one snapshot, fetched in batches, not all in memory.

@@ -303,8 +303,7 @@ class StatsStore:
                     if self._writer_conn is None:
                         self._writer_conn = self.backend.connect(self.timeout, reader=False)
                     conn = self._writer_conn
-                    with self.backend.transaction(conn), contextlib.closing(conn.cursor()) as cursor:
-                        cursor.executemany(sql, rows)
+                    self.backend.insert(conn, sql, rows)
                     break
                 except self._errors as exc:
                     kind = self._kind(exc)
