@@ -8,6 +8,7 @@ Run: ``COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/test_comfy_sampling.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -271,15 +272,28 @@ def test_nan_expert_falls_back_to_balanced_master(env, store, balanced_reference
 def test_stats_store_failure_does_not_break_sampling(env, tmp_path):
     from moe_sampler.stats.store import StatsStore
 
-    (tmp_path / "broken.sqlite3").write_bytes(b"this is not a database" * 100)
-    broken = StatsStore(tmp_path / "broken.sqlite3")
+    # A store that cannot be written at all (a file where its folder should be): sampling goes on,
+    # the run is held in memory for a retry and counted as dropped when the store closes.
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the store's folder should be")
+    broken = StatsStore(blocker / "stats.sqlite3", timeout=0.2)
     expert = env["comfy_experts"].expert_from_comfy("euler", "normal", 2)
     run = adaptive(env, empty_latent(), store=broken, expert_pool=(expert,))
     assert torch.isfinite(run.latent["samples"]).all()
-    broken.flush(10)
-    assert not broken.healthy
-    assert (tmp_path / "broken.sqlite3").read_bytes().startswith(b"this is not a database")
+    deadline = time.monotonic() + 10
+    while broken.healthy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not broken.healthy and broken.waiting >= 1
     broken.close()
+    assert broken.dropped >= 1 and blocker.read_text() == "a file where the store's folder should be"
+    # A file that is not a database (issue 9, defect 6): moved aside, a new store records the run.
+    (tmp_path / "garbage.sqlite3").write_bytes(b"this is not a database" * 100)
+    with StatsStore(tmp_path / "garbage.sqlite3") as replaced:
+        adaptive(env, empty_latent(), store=replaced, expert_pool=(expert,))
+        assert replaced.flush(10) and replaced.healthy and len(replaced.runs()) == 1
+        assert "moved aside" in replaced.notice
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("garbage.sqlite3.damaged-")]
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not a database")
 
 
 # ------------------------------------------------------------------------------ the nodes themselves
