@@ -24,8 +24,10 @@ them in ComfyUI and ``bench/online.py`` measures them on the analytic model.
 3. **Adoption on held-out rows** (:func:`update`). A candidate router is fitted (warm start from
    the current one) on the training share of the rows; the held-out share (a stable hash of each
    row, :data:`HELDOUT_SHARE`) scores the candidate's guarded policy, the current one's and the
-   best fixed expert by self-normalised inverse propensity weighting (SNIPS): full-sweep rows
-   (propensity 1 for every expert of a context) count as full information. The candidate is
+   best fixed expert with a doubly robust estimate (the candidate's predictions, fitted on the
+   other rows, corrected by the logged reward where the policy's pick was logged, weighted by
+   the inverse propensity; :func:`policy_values`): full-sweep rows count as full information.
+   The candidate is
    adopted only if it is **not worse than the current** policy on those rows; a paired
    bootstrap interval of the difference is reported with it.
 
@@ -61,6 +63,7 @@ PRIOR_ROWS = 5.0  # weight of the descriptor prior in the best-fixed-expert esti
 MIN_ROWS = 30  # rows of a model before the router may deviate from the best fixed expert
 MIN_HELDOUT = 10  # held-out rows needed to judge a candidate
 HELDOUT_SHARE = 0.25
+RANGE_MARGIN = 0.1  # a state slot may leave the logged range by 10% of its width (+ 0.1) and still count as known
 DEFAULT_QUALITY_SD = 0.15  # out-of-sample quality error assumed for an expert with too few held-out rows
 PROPENSITY_CLIP = 10.0  # largest regression weight 1 / propensity (as MoERLTrainer)
 PHASES = ("learning", "guarded")
@@ -175,16 +178,32 @@ class Evidence:
     """The guard's data, kept in the router's metadata (``training["guard"]``).
 
     ``rows``: logged rows the router was updated from; ``trusted``: the router beat the best
-    fixed expert on held-out rows at its adoption; ``experts``: per-expert evidence.
+    fixed expert on held-out rows at its adoption; ``experts``: per-expert evidence;
+    ``state_low``/``state_high``: the range of each state slot over those rows (a context
+    outside it, widened by :data:`RANGE_MARGIN`, is new to the router: the guard keeps the
+    fixed expert there).
     """
 
     rows: int = 0
     trusted: bool = False
     experts: dict[str, ExpertEvidence] = field(default_factory=dict)
+    state_low: tuple[float, ...] | None = None
+    state_high: tuple[float, ...] | None = None
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "trusted": self.trusted,
-                "experts": {k: dataclasses.asdict(v) for k, v in self.experts.items()}}
+                "experts": {k: dataclasses.asdict(v) for k, v in self.experts.items()},
+                "state_low": None if self.state_low is None else [round(v, 5) for v in self.state_low],
+                "state_high": None if self.state_high is None else [round(v, 5) for v in self.state_high]}
+
+    def known(self, states: Tensor) -> Tensor:
+        """[R] bool: each state [R, 64] lies inside the logged range (True without a range)."""
+        if self.state_low is None or self.state_high is None:
+            return torch.ones(len(states), dtype=torch.bool)
+        low = torch.tensor(self.state_low, dtype=torch.float32)
+        high = torch.tensor(self.state_high, dtype=torch.float32)
+        margin = RANGE_MARGIN * (high - low) + RANGE_MARGIN
+        return ((states >= low - margin) & (states <= high + margin)).all(dim=1)
 
     @classmethod
     def from_json(cls, data: Any) -> "Evidence":
@@ -193,7 +212,11 @@ class Evidence:
             experts = {str(k): ExpertEvidence(int(v["rows"]), float(v["quality"]), float(v["cost"]),
                                               float(v.get("quality_sd", DEFAULT_QUALITY_SD)))
                        for k, v in dict(data.get("experts", {})).items()}
-            return cls(int(data.get("rows", 0)), bool(data.get("trusted", False)), experts)
+            low, high = data.get("state_low"), data.get("state_high")
+            ranges = ((tuple(float(v) for v in low), tuple(float(v) for v in high))
+                      if isinstance(low, list) and isinstance(high, list) and len(low) == len(high) == STATE_DIM
+                      else (None, None))
+            return cls(int(data.get("rows", 0)), bool(data.get("trusted", False)), experts, *ranges)
         except (AttributeError, KeyError, TypeError, ValueError):
             return cls()
 
@@ -279,7 +302,11 @@ def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] =
     sd = _heldout_rmse(router, heldout, descriptors) if router is not None and descriptors else {}
     experts = {name: ExpertEvidence(int(n), qs / ws, cs / ws, sd.get(name, sd.get("*", DEFAULT_QUALITY_SD)))
                for name, (n, ws, qs, cs) in sums.items()}
-    return Evidence(len(rows), trusted, experts)
+    low = high = None
+    if rows:
+        states = torch.tensor([r.state for r in rows], dtype=torch.float32)
+        low, high = tuple(states.min(0).values.tolist()), tuple(states.max(0).values.tolist())
+    return Evidence(len(rows), trusted, experts, low, high)
 
 
 def _heldout_rmse(router: Router, heldout: Sequence[LoggedRow],
@@ -377,6 +404,8 @@ class GuardedPolicy:
         gain = utility - utility[rows, fixed][:, None]
         bounds = torch.where(torch.isfinite(se), gain - self.z * se, torch.full_like(gain, -math.inf))
         bounds[rows, fixed] = 0.0
+        bounds = torch.where(self.evidence.known(states)[:, None], bounds, torch.full_like(bounds, -math.inf))
+        bounds[rows, fixed] = 0.0
         allowed = bounds > 0
         allowed[rows, fixed] = True
         picks = torch.argmax(torch.where(allowed, utility, torch.full_like(utility, -math.inf)), dim=1)
@@ -466,11 +495,22 @@ def fit_candidate(router: Router, rows: Sequence[LoggedRow], descriptors: dict[s
 
 
 def policy_values(policies: dict[str, GuardedPolicy], rows: Sequence[LoggedRow], experts: Sequence[Any],
-                  bootstrap: int = 200, seed: int = 0, pairs: Sequence[tuple[str, str]] = ()) -> dict:
-    """SNIPS value of each policy's greedy pick on logged ``rows`` (reward ``quality - lambda(p)
-    cost``), matched rows per policy, and for each ``(a, b)`` in ``pairs`` the difference
-    ``value(a) - value(b)`` with a paired bootstrap 90% interval. Rows of experts outside the
-    pool are ignored. Values are NaN where a policy matches no row."""
+                  bootstrap: int = 200, seed: int = 0, pairs: Sequence[tuple[str, str]] = (),
+                  reward_model: Any = None) -> dict:
+    """Value of each policy's greedy pick on logged ``rows`` (reward ``quality - lambda(p) cost``),
+    and for each ``(a, b)`` in ``pairs`` the difference ``value(a) - value(b)`` with a paired
+    bootstrap 90% interval. Rows of experts outside the pool are ignored.
+
+    Bandit rows (one expert per context, drawn with the logged propensity) are scored **doubly
+    robust**: ``u_hat(x, pi(x)) + [pi(x) = a] / p (r - u_hat(x, a))``, where ``u_hat`` is the
+    utility predicted by ``reward_model`` (a :class:`GuardedPolicy` or router fitted on other
+    rows; without one the estimate is plain inverse propensity weighting, ``u_hat = 0``). With
+    the true propensities it is unbiased whatever ``u_hat``, and the better ``u_hat`` the smaller
+    its variance; two policies that agree on a row get the same term, so paired differences are
+    tight. Sweep rows (every expert of a context, ``quality_source == "sweep"``) are full
+    information: the row of the policy's pick counts its reward. ``matched`` is how many rows'
+    logged expert is the policy's pick.
+    """
     index = {_name(e): i for i, e in enumerate(experts)}
     rows = [r for r in rows if r.expert in index]
     out: dict[str, Any] = {"rows": len(rows), "values": {}, "matched": {}, "differences": {}}
@@ -481,22 +521,32 @@ def policy_values(policies: dict[str, GuardedPolicy], rows: Sequence[LoggedRow],
     reward = torch.tensor([r.quality - lambda_from_priority(r.priority) * r.cost for r in rows], dtype=torch.float64)
     inverse = torch.tensor([1.0 / r.propensity for r in rows], dtype=torch.float64)
     logged = torch.tensor([index[r.expert] for r in rows])
-    weights = {}
+    sweep = torch.tensor([r.quality_source == "sweep" for r in rows])
     states = torch.tensor([r.state for r in rows], dtype=torch.float32)
     priorities = [r.priority for r in rows]
+    lam = torch.tensor([lambda_from_priority(p) for p in priorities], dtype=torch.float64)[:, None]
+    if reward_model is not None:
+        predictor = reward_model if hasattr(reward_model, "predict_batch") else GuardedPolicy(reward_model, Evidence())
+        q_hat, c_hat = predictor.predict_batch(states, experts)
+        u_hat = q_hat.double() - lam * c_hat.double()
+    else:
+        u_hat = torch.zeros((len(rows), len(experts)), dtype=torch.float64)
+    r_idx = torch.arange(len(rows))
+    terms, counts = {}, {}
     for name, policy in policies.items():
         picks = policy.greedy_batch(states, experts, priorities)[0]
-        w = inverse * (picks == logged)
-        weights[name] = w
-        out["matched"][name] = int((picks == logged).sum())
-        out["values"][name] = float((w * reward).sum() / w.sum()) if float(w.sum()) > 0 else math.nan
+        match = (picks == logged).double()
+        dr = u_hat[r_idx, picks] + match * inverse * (reward - u_hat[r_idx, logged])
+        terms[name] = torch.where(sweep, match * reward, dr)
+        counts[name] = torch.where(sweep, match, torch.ones_like(match))
+        out["matched"][name] = int(match.sum())
+        total = float(counts[name].sum())
+        out["values"][name] = float(terms[name].sum()) / total if total > 0 else math.nan
     generator = torch.Generator().manual_seed(seed)
     resample = torch.randint(len(rows), (bootstrap, len(rows)), generator=generator)
     for a, b in pairs:
-        wa, wb = weights[a][resample], weights[b][resample]
-        r = reward[resample]
-        va = (wa * r).sum(1) / wa.sum(1)
-        vb = (wb * r).sum(1) / wb.sum(1)
+        va = terms[a][resample].sum(1) / counts[a][resample].sum(1)
+        vb = terms[b][resample].sum(1) / counts[b][resample].sum(1)
         diff = (va - vb)[torch.isfinite(va - vb)]
         point = out["values"][a] - out["values"][b]
         low, high = ((float(torch.quantile(diff, 0.05)), float(torch.quantile(diff, 0.95)))
@@ -568,7 +618,7 @@ def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[An
                 "current": GuardedPolicy.for_router(current, epsilon=0.0, min_rows=min_rows),
                 "fixed": FixedPolicy(candidate_evidence)}
     values = policy_values(policies, heldout, experts, seed=seed,
-                           pairs=[("candidate", "current"), ("candidate", "fixed")])
+                           pairs=[("candidate", "current"), ("candidate", "fixed")], reward_model=candidate)
     v = values["values"]
     beats_fixed = math.isfinite(v["candidate"]) and math.isfinite(v["fixed"]) and v["candidate"] >= v["fixed"]
     candidate_evidence = dataclasses.replace(candidate_evidence, trusted=beats_fixed)

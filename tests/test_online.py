@@ -283,3 +283,20 @@ def test_logged_rows_move_the_best_fixed_expert_only_when_they_separate_it_from_
     # QualityMaster's logged mean utility beats BalancedMaster's by about 0.3; 2 rows each cannot show it
     assert NAMES[best_fixed(evidence(2), POOL, priority)] == "BalancedMaster"
     assert NAMES[best_fixed(evidence(40), POOL, priority)] == better
+
+
+def test_the_guard_keeps_the_fixed_expert_on_a_context_unlike_any_logged_one():
+    priority = 0.5
+    nfe = {e.name: e.descriptor.max_nfe for e in POOL}
+    lam = lambda_from_priority(priority)
+    q_noise = 0.75 + 0.2 + lam * (float(cost_from_nfe(nfe["NoiseAdaptive"])) - float(cost_from_nfe(nfe["BalancedMaster"])))
+    router = StubRouter({n: (q_noise if n == "NoiseAdaptive" else (0.75 if n == "BalancedMaster" else 0.2))
+                         for n in NAMES})
+    logged = dataclasses.replace(_evidence(200), state_low=(0.0,) * 64, state_high=(0.5,) * 64)
+    policy = GuardedPolicy(router, logged, epsilon=0.0, min_rows=10)
+    inside = torch.full((64,), 0.25)
+    outside = inside.clone()
+    outside[48] = 1.5  # e.g. a latent size never logged for this model
+    assert policy.select(inside, POOL, priority).selection.expert == "NoiseAdaptive"
+    assert policy.select(outside, POOL, priority).selection.expert == "BalancedMaster"
+    assert Evidence.from_json(logged.to_json()).known(torch.stack([inside, outside])).tolist() == [True, False]
