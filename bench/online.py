@@ -188,6 +188,7 @@ def simulate(seed: int, generations: int, audit_rate: float, every: int, epsilon
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--generations", type=int, default=500)
     parser.add_argument("--audit-rate", type=float, default=0.02)
     parser.add_argument("--every", type=int, default=25)
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     runs = [simulate(s, args.generations, args.audit_rate, args.every, args.epsilon, args.heldout,
-                     args.calibration_contexts) for s in range(args.seeds)]
+                     args.calibration_contexts) for s in range(args.first_seed, args.first_seed + args.seeds)]
     print(f"\n== Learning from use on the analytic model: {args.seeds} seed(s), audit rate {args.audit_rate}, "
           f"update every {args.every}, epsilon {args.epsilon}, {args.heldout} held-out contexts ==")
     print("closed gap on held-out contexts, point [95% bootstrap CI] per seed; 'sweep' = full-sweep training at "
