@@ -18,7 +18,7 @@ from comfy_api.latest import io
 from ..experts import default_pool, expert_names, get_expert
 from ..router.features import state_from_conditioning
 from ..stats.report import MANUAL_ROUTER, router_label
-from . import bridge, comfy_experts, paths, why
+from . import bridge, comfy_experts, online_learning, paths, why
 from .comfy_environment import sampled_latent_shape
 
 logger = logging.getLogger(__name__)
@@ -41,14 +41,21 @@ TOOLTIPS = {
            "sampling stiffer.",
     "priority": "What the router optimises: 0 = fastest acceptable expert, 1 = highest quality, "
                 "0.5 = balanced. Needs no retraining.",
-    "router": "Router weights from models/moe_routers (.safetensors). '(built-in default)' is the untrained "
-              "router that ranks experts by their descriptors.",
+    "router": "Router weights from models/moe_routers (.safetensors). '(learned for this model)' (default) "
+              "learns from your runs: one router per model, updated in the background, starting with the best "
+              "fixed expert. '(built-in default)' is the untrained router that ranks experts by their "
+              "descriptors. 'NAME.versions/vNNNN.safetensors' pins one version of a learned router.",
     "mode": "'auto' lets the router choose; an expert name forces that expert. The list offers the experts of "
             "the connected pool, custom ones included (all built-ins when the pool cannot be read from the "
             "graph); the pool is checked again when the prompt runs. Forced runs are recorded with router "
             "'manual'.",
     "temperature": "Exploration: 0 always takes the best-scored expert; higher values sometimes try others "
-                   "(seeded by seed), which helps the router learn.",
+                   "(seeded by seed), which helps the router learn. The learned router explores on its own "
+                   "(5% of runs, logged) and ignores it.",
+    "audit_rate": "Share of runs that are audited: after the expert, the reference (100 steps) also runs from "
+                  "the same noise, so the run gets its exact quality for the stats and the learning loop. The "
+                  "output is the expert's either way; an audited run takes longer (shown on the node). "
+                  "0 turns audits off.",
     "denoise": "How much of the schedule to run, as in KSampler: 1.0 for txt2img, lower to keep more of "
                "the input latent (img2img).",
     "expert_pool": "Experts the router may choose from (MoE Expert Pool). Not connected: the five main "
@@ -82,6 +89,10 @@ class AdaptiveRun:
     pool: tuple = ()  # the experts the router chose from, in pool order
     priority: float = 0.5
     router_info: dict | None = None  # why.router_info: name and version of the router used
+    model: str | None = None  # the model's fingerprint (online_learning.model_fingerprint)
+    learning: dict | None = None  # online_learning.learning_info with the learned router, else None
+    audit: Any = None  # online_learning.Audit when the run was audited
+    warning: str | None = None  # a router trained on another model
 
     @property
     def forced(self) -> bool:
@@ -99,13 +110,17 @@ class AdaptiveRun:
 
     def ui(self) -> dict:
         """Node payload: ``ui.moe_run`` (run info with ``why``) and ``ui.text`` (summary and table)."""
-        return bridge.badge(self.report, self.selection, self.router, why=self.explain())
+        ui = bridge.badge(self.report, self.selection, self.router, why=self.explain())
+        return online_learning.badge_extras(ui, self.model, self.learning, self.audit, self.warning)
 
 
-def _record(store: Any, attempts: Sequence[bridge.Attempt], **fields: Any) -> bool:
-    """Queue the attempts' rows off the hot path (``record_async``); never raises."""
+def _record(store: Any, attempts: Sequence[bridge.Attempt], annotate: Any = None, **fields: Any) -> bool:
+    """Queue the attempts' rows off the hot path (``record_async``); never raises. ``annotate``
+    adds the learning loop's fields (:func:`online_learning.annotate`)."""
     try:
         records = bridge.run_records(attempts, **fields)
+        if annotate is not None:
+            records = annotate(records)
         writer = getattr(store, "record_async", None) or store.record
         return all([bool(writer(record)) for record in records])
     except Exception:  # recording must never break sampling
@@ -116,11 +131,16 @@ def _record(store: Any, attempts: Sequence[bridge.Attempt], **fields: Any) -> bo
 def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, cfg: float,
                  priority: float = 0.5, router: str = paths.BUILTIN_ROUTER, mode: str = "auto",
                  temperature: float = 0.0, denoise: float = 1.0, expert_pool: Sequence[Any] | None = None,
-                 store: Any = None, callback: Any = None, preview: bool = True) -> AdaptiveRun:
+                 store: Any = None, callback: Any = None, preview: bool = True, audit_rate: float = 0.0,
+                 learner: Any = None) -> AdaptiveRun:
     """Route, sample and record one generation (the MoE Adaptive Sampler's work).
 
     ``store`` defaults to the process-wide store (:func:`paths.stats_store`). Errors name the
-    node input at fault (``expert_pool``, ``mode``, ``router``, ``latent_image``).
+    node input at fault (``expert_pool``, ``mode``, ``router``, ``latent_image``, ``audit_rate``).
+    With ``router`` = :data:`online_learning.LEARNED_ROUTER` the model's own router picks through
+    the guarded policy and the run counts towards a background update (``learner``, default the
+    process-wide one); ``audit_rate`` is the probability of an audit (the node's default is 0.02,
+    this function's 0).
     """
     pool = comfy_experts.check_pool(default_pool() if expert_pool is None else expert_pool)
     forced = comfy_experts.forced_expert(mode, pool)
@@ -131,24 +151,43 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
     state = state_from_conditioning(positive, negative, sampled_latent_shape(model, samples),
                                     max(cfg, MIN_FEATURE_CFG), denoise, comfy_experts.model_family(model), priority,
                                     "interactive")
-    selection = None
-    router_info = None
-    if forced is None:
+    audit_due = online_learning.draw_audit(audit_rate)
+    key = online_learning.model_fingerprint(model)
+    selection = router_info = learning = learning_details = warning = active_learner = None
+    label = MANUAL_ROUTER
+    if forced is None and router == online_learning.LEARNED_ROUTER:
+        learned = online_learning.learned_policy(key)
+        choice = learned.policy.select(state, pool, priority=priority, seed=seed)
+        selection, label = choice.selection, learned.label
+        active_learner = online_learning.learner() if learner is None else learner
+        learning = online_learning.learning_info(choice, learned, active_learner, key)
+        learning_details = online_learning.choice_details(choice, learned)
+        router_info = why.router_info(learned.policy.router, label)
+    elif forced is None:
         routing = paths.load_router(router)
         selection = routing.select(state, pool, priority=priority, temperature=temperature, seed=seed)
-        router_info = why.router_info(routing, router_label(router))
+        label = router_label(router)
+        router_info = why.router_info(routing, label)
+        warning = None if router == paths.BUILTIN_ROUTER else online_learning.model_warning(routing, key, router)
     expert = forced if forced is not None else pool[selection.index]
-    label = MANUAL_ROUTER if forced is not None else router_label(router)
     details = why.record_details(selection, pool, priority, router_info or {"label": label}, expert)
     attempts: list[bridge.Attempt] = []
+    audit = None
+    store = paths.stats_store() if store is None else store
     try:
         latent, report = bridge.sample_with_expert(model, expert, positive, negative, latent_image, seed, cfg,
                                                    denoise, callback=callback, preview=preview, attempts=attempts)
+        if audit_due and not report.fallback:
+            audit = online_learning.run_audit(model, positive, negative, latent_image, seed, cfg, denoise,
+                                              latent["samples"])
     finally:
-        recorded = _record(paths.stats_store() if store is None else store, attempts, state=state,
-                           selection=selection, router=label, priority=priority, seed=seed,
-                           details=details)
-    return AdaptiveRun(latent, report, selection, label, recorded, pool, priority, router_info)
+        recorded = _record(store, attempts, state=state, selection=selection, router=label, priority=priority,
+                           seed=seed, details=details, annotate=lambda records: online_learning.annotate(
+                               records, model=key, audit=audit, details=learning_details))
+    if active_learner is not None and recorded:
+        active_learner.note_run(key, pool, store)  # counts and queues; never waits for an update
+    return AdaptiveRun(latent, report, selection, label, recorded, pool, priority, router_info, key, learning, audit,
+                       warning)
 
 
 def _notify(payload: dict, node_id: Any) -> None:
@@ -229,13 +268,15 @@ class MoEAdaptiveSampler(io.ComfyNode):
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=t["cfg"]),
                 io.Float.Input("priority", default=0.5, min=0.0, max=1.0, step=0.05,
                                display_mode=io.NumberDisplay.slider, tooltip=t["priority"]),
-                io.Combo.Input("router", options=paths.router_names(), default=paths.BUILTIN_ROUTER,
-                               tooltip=t["router"]),
+                io.Combo.Input("router", options=online_learning.router_options(paths.router_names()),
+                               default=online_learning.LEARNED_ROUTER, tooltip=t["router"]),
                 io.Combo.Input("mode", options=["auto", *expert_names(include_compat=True)], default="auto",
                                tooltip=t["mode"]),
                 io.Float.Input("temperature", default=0.0, min=0.0, max=10.0, step=0.01, tooltip=t["temperature"]),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=t["denoise"]),
                 ExpertPoolType.Input("expert_pool", optional=True, tooltip=t["expert_pool"]),
+                io.Float.Input("audit_rate", default=online_learning.DEFAULT_AUDIT_RATE, min=0.0, max=1.0,
+                               step=0.01, optional=True, tooltip=t["audit_rate"]),
             ],
             outputs=[io.Latent.Output(tooltip="The denoised latent.")],
             hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
@@ -255,15 +296,19 @@ class MoEAdaptiveSampler(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, router=None, **kwargs) -> Any:
-        # The output depends on the router file's contents: re-run when it is retrained.
+    def fingerprint_inputs(cls, router=None, model=None, **kwargs) -> Any:
+        # The output depends on the router file's contents: re-run when it is retrained, or for
+        # the learned router when the model's router gets a new version.
+        if router == online_learning.LEARNED_ROUTER and model is not None:
+            label = online_learning.learned_label(online_learning.model_fingerprint(model))
+            return (router, label, paths.router_mtime(label))
         return (router, paths.router_mtime(router) if isinstance(router, str) else None)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, cfg, priority, router, mode, temperature,
-                denoise, expert_pool=None) -> io.NodeOutput:
+                denoise, expert_pool=None, audit_rate=online_learning.DEFAULT_AUDIT_RATE) -> io.NodeOutput:
         run = run_adaptive(model, positive, negative, latent_image, seed, cfg, priority, router, mode, temperature,
-                           denoise, expert_pool)
+                           denoise, expert_pool, audit_rate=audit_rate)
         ui = run.ui()
         node_id = getattr(cls.hidden, "unique_id", None)
         info = ui["moe_run"][0]
