@@ -252,6 +252,9 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
                     save_path.name, result.episodes)
         comfy.model_management.throw_exception_if_processing_interrupted()
         raise comfy.model_management.InterruptProcessingException()
+    from .online_learning import model_fingerprint
+
+    trainer.router.training["model"] = model_fingerprint(model)  # the sampler warns when used on another model
     trainer.router.save(save_path)
     report = training_report(plan, save_path.name, trainer, environment, result, resumed_from, reference_steps)
     if resumed_from == plan.episodes:
