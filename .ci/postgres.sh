@@ -40,7 +40,7 @@ bindir() {
 # Run a PostgreSQL program as the cluster's owner (ourselves unless we are root).
 as_owner() {
   if [ "$(id -u)" = 0 ]; then
-    runuser -u "$owner" -- "$@"
+    (cd / && runuser -u "$owner" -- "$@")  # from /: the caller's folder may be closed to them
   else
     "$@"
   fi
@@ -85,7 +85,7 @@ case "$command" in
     ;;
   restart)  # same port, same data (for tests of a database that goes away and comes back)
     running || { log "no server running in $dir"; exit 1; }
-    as_owner "$(bindir)/pg_ctl" -D "$dir/data" -m fast -w restart >&2
+    as_owner "$(bindir)/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m fast -w restart >&2
     ;;
   url)
     running || { log "no server running in $dir"; exit 1; }
