@@ -60,7 +60,7 @@ _STOP = object()
 BATCH = 256  # runs per write transaction when the background writer catches up
 MAX_BACKOFF = 5.0  # seconds between retries of a write that keeps failing
 PROBE_WAIT = 0.25  # seconds health() waits for the write lock before calling the store locked
-PROBE_REUSE = 1.0  # seconds a probe's answer is reused
+PROBE_REUSE = 1.0  # seconds a probe that found the store locked is reused
 _INSERT = f"INSERT INTO {{table}} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _SELECT = f"SELECT id, {', '.join(COLUMNS)} FROM {{table}}"
 _REAL = "CAST({} AS DOUBLE PRECISION)"  # AVG of integers is a float in SQLite but a decimal in PostgreSQL
@@ -204,7 +204,9 @@ class StatsStore:
         problem = self.problem
         if problem is None and probe and not self._closed:
             checked, free = self._probed
-            if time.monotonic() - checked > PROBE_REUSE:  # the node's fingerprint and its run share one probe
+            # "Locked" took PROBE_WAIT to learn and is reused briefly (the node's fingerprint and its run
+            # share one probe); "free" is learnt at once and never reused.
+            if free or time.monotonic() - checked > PROBE_REUSE:
                 try:
                     free = self._read(lambda conn: self.backend.write_lock_free(conn, PROBE_WAIT))
                 except StatsStoreError as exc:

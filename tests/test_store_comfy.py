@@ -19,8 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers.comfy_server import TINY_CHECKPOINT_NAME, ComfyServer, build_tiny_checkpoint, status_messages, \
-    workflow_to_prompt
+from helpers.comfy_server import (
+    TINY_CHECKPOINT_NAME,
+    ComfyServer,
+    build_tiny_checkpoint,
+    status_messages,
+    workflow_to_prompt,
+)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
