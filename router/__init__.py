@@ -25,6 +25,7 @@ _EXPORTS = {
     "DenoiserEnvironment": ".environment",
     "PromptContexts": ".environment",
     "DormandPrince": ".environment",
+    "RungeKutta4": ".environment",
     "AnalyticEnvironment": ".environment",
     "AnalyticContext": ".environment",
     "Outcome": ".environment",

@@ -188,3 +188,21 @@ def test_prompt_contexts_train_a_router_on_any_denoiser():
         PromptContexts(prompts, None, (2, 6, 6), img2img_fraction=0.5)
     with pytest.raises(ValueError, match="state_conditioning"):
         PromptContexts([0, 1], None, (2, 6, 6))  # labels need the tensors the state reads
+
+
+def test_the_fixed_step_reference_agrees_with_dormand_prince():
+    from moe_sampler.experts.base import CountingDenoiser
+    from moe_sampler.router.environment import RungeKutta4
+
+    env = AnalyticEnvironment("train", seed=0, n_models=1, conditions=SMALL)
+    context = dataclasses.replace(env.sample_context(random.Random(3)), cfg=4.0, denoise=1.0)
+    model, schedule = env.models[0], env.schedule_for(context)
+    x = env.initial_latent(context, schedule.sigma_max)
+    args = env.extra_args(context)
+    counted = CountingDenoiser(model)
+    rk4 = RungeKutta4(200, sigma_end=REFERENCE_SIGMA_END)(counted, x, schedule.sigma_max, args, schedule)
+    exact = DormandPrince(1e-8, sigma_end=REFERENCE_SIGMA_END)(model, x, schedule.sigma_max, args, schedule)
+    assert counted.calls == 4 * 200 + 1
+    assert float(model.relative_error(rk4, exact, cond=context.cond)) < 1e-4
+    with pytest.raises(ValueError, match="steps"):
+        RungeKutta4(0)
