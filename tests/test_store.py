@@ -349,10 +349,12 @@ def test_defect3_locked_store_does_not_stall_readers_or_lose_runs(target):
     reported locked, and the runs that could not be written are kept and written afterwards."""
     with target.open(timeout=1.0) as store:
         assert store.record(make_run(expert="Before", seed=0))
-        holder = hold_write_lock(target, 8.0)
+        holder = hold_write_lock(target, 12.0)
         try:
             assert all(store.record_async(make_run(expert="During", seed=i)) for i in range(1, 4))
-            time.sleep(1.5)  # the writer has tried and failed at least once
+            deadline = time.monotonic() + 6
+            while store.healthy and time.monotonic() < deadline:  # the writer tries, and fails after 1 s
+                time.sleep(0.05)
             timings = []
             for _ in range(3):
                 start = time.monotonic()
