@@ -130,15 +130,17 @@ def write_outputs(args, steps, losses, seconds, ema_unet, ema_emb, data, labels)
     meta = {"steps": steps, "batch": args.batch, "lr": args.lr, "seed": args.seed, "p_uncond": args.p_uncond,
             "ema": args.ema, "seconds": round(seconds), "final_loss": round(final, 5),
             "trained": "bench/train_learned.py on scikit-learn digits, 16x16, DDPM eps, SD scaled_linear"}
-    WEIGHTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(WEIGHTS_FILE, ema_unet, ema_emb, meta)
-    save_images(IMAGES_FILE, *shipped_subset(data, labels))
-    loss_chart(losses, steps, seconds)
-    print(f"wrote {WEIGHTS_FILE.relative_to(ROOT)} ({WEIGHTS_FILE.stat().st_size / 1e6:.2f} MB), "
-          f"{IMAGES_FILE.relative_to(ROOT)}, {LOSS_PNG.relative_to(ROOT)}", flush=True)
+    weights, images, loss_png = WEIGHTS_FILE, IMAGES_FILE, LOSS_PNG
+    if args.out is not None:
+        weights, images, loss_png = (args.out / path.name for path in (weights, images, loss_png))
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(weights, ema_unet, ema_emb, meta)
+    save_images(images, *shipped_subset(data, labels))
+    loss_chart(losses, steps, seconds, loss_png)
+    print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB), {images}, {loss_png}", flush=True)
 
 
-def loss_chart(losses: list[float], steps: int, seconds: float) -> None:
+def loss_chart(losses: list[float], steps: int, seconds: float, path: Path = LOSS_PNG) -> None:
     from moe_sampler.stats.charts import line_chart
 
     window = 50
@@ -147,7 +149,7 @@ def loss_chart(losses: list[float], steps: int, seconds: float) -> None:
     image = line_chart({"epsilon MSE (mean of 50 steps)": (xs, ys)},
                        title=f"Learned digits model: training loss ({steps} steps, {seconds / 60:.0f} min on 2 CPU cores)",
                        xlabel="step", ylabel="loss", width=720, height=400)
-    image.save(LOSS_PNG, optimize=True)
+    image.save(path, optimize=True)
 
 
 def sample(model, labels: torch.Tensor, seed: int, cfg: float, steps: int = 50) -> torch.Tensor:
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--p-uncond", type=float, default=0.15)
     parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="train: write the weights, digits and loss chart into this folder, not the shipped places")
     parser.add_argument("--save-every", type=int, default=500, help="train: write the outputs every this many steps")
     parser.add_argument("--weights", type=Path, default=None, help="check: evaluate these weights, draw no grid")
     parser.add_argument("--per-class", type=int, default=50)
