@@ -690,3 +690,25 @@ def test_postgres_restarted_while_sampling_loses_no_run(postgres_target):
         assert store.flush(timeout=60)
         assert [r.seed for r in store.runs()] == list(range(len(queued) + 1))
         assert store.dropped == 0 and store.health()["healthy"]
+
+
+def test_defect6_quick_check_runs_once_per_process_and_is_bounded(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "stats.sqlite3"
+    with StatsStore(path) as store:
+        for seed in range(3000):
+            store.record_async(make_run(seed=seed, error="z" * 50))
+    sqlite_store._checked.clear()
+    calls = []
+    real = sqlite_store._quick_check
+    monkeypatch.setattr(sqlite_store, "_quick_check", lambda conn, budget: calls.append(budget) or real(conn, budget))
+    for _ in range(3):
+        with StatsStore(path) as store:
+            assert len(store.runs(limit=5)) == 5
+    assert calls == [sqlite_store.QUICK_CHECK_BUDGET]  # once per process and file, not per store
+    conn = sqlite3.connect(path)
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO, logger=sqlite_store.__name__):
+        assert real(conn, 0.0) is None  # out of time: cut short and not judged (a big store is not moved aside)
+    assert time.monotonic() - start < 1.0 and "cut short" in caplog.text
+    assert real(conn, 5.0) is None  # in time: "ok"
+    conn.close()
