@@ -19,10 +19,13 @@ from typing import Any, Sequence
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..router.features import state_from_conditioning
 from ..stats.report import MANUAL_ROUTER
 from . import bridge, comfy_experts, paths, why
+from .comfy_environment import sampled_latent_shape
 from .sampler_nodes import (
     CATEGORY,
+    MIN_FEATURE_CFG,
     TOOLTIPS,
     AdaptiveRun,
     ExpertPoolType,
@@ -121,13 +124,18 @@ def run_ab(model: Any, positive: Any, negative: Any, latent_image: dict, seed: i
         expert = comfy_experts.expert_from_comfy(baseline_sampler, baseline_scheduler, baseline_steps)
     except ValueError as exc:
         raise ValueError(f"baseline_{exc}") from None
+    # The baseline's row carries the same context as the MoE run's, so stats filters (image size)
+    # and learning see it like any forced run.
+    state = state_from_conditioning(positive, negative, sampled_latent_shape(model, latent_image["samples"]),
+                                    max(cfg, MIN_FEATURE_CFG), denoise, comfy_experts.model_family(model), priority,
+                                    "interactive")
     attempts: list[bridge.Attempt] = []
     start = time.perf_counter()
     try:
         latent, report = bridge.sample_with_expert(model, expert, positive, negative, latent_image, seed, cfg,
                                                    denoise, attempts=attempts, fallback=None)
     finally:
-        _record(paths.stats_store() if store is None else store, attempts, state=None, selection=None,
+        _record(paths.stats_store() if store is None else store, attempts, state=state, selection=None,
                 router=MANUAL_ROUTER, priority=priority, seed=seed)
     logger.debug("baseline %s took %.2f s", expert.name, time.perf_counter() - start)
     return Comparison(moe, latent, report, expert.name, latent_difference(moe.latent["samples"], latent["samples"]))

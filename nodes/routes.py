@@ -2,7 +2,8 @@
 
 ========================================  ==========================================================
 ``GET /moe_sampler/stats?router=NAME``    per-expert aggregates from the stats store (all routers
-                                          when ``router`` is absent, empty or ``(all)``)
+                                          when ``router`` is absent, empty or ``(all)``); also
+                                          ``source``, ``size`` and ``model`` (stats/filters.py)
 ``GET /moe_sampler/routers``              saved routers in ``models/moe_routers`` with their metadata
 ``GET /moe_sampler/experts``              the built-in experts with their descriptors
 ``GET /moe_sampler/labels``               the router labels the stats use (``(all)``, ``manual``, ...)
@@ -113,11 +114,14 @@ def routers_payload() -> list[dict[str, Any]]:
     return routers
 
 
-def stats_for_router(router: str | None) -> dict[str, Any]:
-    """The stats payload of the process-wide store for a router filter (see :func:`report.stats_payload`)."""
+def stats_for_router(router: str | None, source: str | None = None, size: str | None = None,
+                     model: str | None = None) -> dict[str, Any]:
+    """The stats payload of the process-wide store for a router filter and the source, size and
+    model filters (see :func:`moe_sampler.stats.filters.stats_payload`)."""
+    from ..stats import filters
     from . import paths
 
-    return report.stats_payload(paths.stats_store(), router)
+    return filters.stats_payload(paths.stats_store(), router, source, model, size)
 
 
 def experts_payload() -> list[dict[str, Any]]:
@@ -156,7 +160,8 @@ def register() -> bool:
 
     @routes.get(f"{PREFIX}/stats")
     async def get_stats(request: web.Request) -> web.Response:
-        return await answer(stats_for_router, request.query.get("router"))
+        return await answer(stats_for_router, request.query.get("router"), request.query.get("source"),
+                            request.query.get("size"), request.query.get("model"))
 
     @routes.get(f"{PREFIX}/routers")
     async def get_routers(request: web.Request) -> web.Response:

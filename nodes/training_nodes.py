@@ -265,7 +265,11 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
 
 
 def training_curve(result: Any, router_file: str) -> Any:
-    """The learning curve: reward of the router's pick and of the best expert, smoothed."""
+    """The learning curve: score of the router's pick and of the best expert, smoothed.
+
+    The score is what the router ranks by (the sampler's why panel shows the same): quality (the
+    report's 0-1 score) minus the price of the run's model calls at the episode's priority, so it
+    is below the quality and can be negative for expensive experts at low priority."""
     from ..stats.charts import line_chart
 
     episodes = list(range(1, len(result.rewards) + 1))
@@ -273,8 +277,8 @@ def training_curve(result: Any, router_file: str) -> Any:
     series = {f"router's pick (mean of {window})": (episodes, moving_average(result.rewards, window))}
     if any(math.isfinite(v) for v in result.oracle_rewards):
         series[f"best expert (mean of {window})"] = (episodes, moving_average(result.oracle_rewards, window))
-    return line_chart(series, title=f"Router training: {router_file}", xlabel="episode",
-                      ylabel="reward = quality - lambda(priority) x cost")
+    return line_chart(series, title=f"Router training: {router_file}", xlabel="episode", integer_x=True,
+                      ylabel="score = quality (0-1) - price of model calls")
 
 
 def _mean(values: Any) -> float:

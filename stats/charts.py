@@ -185,12 +185,14 @@ def line_chart(
     width: int = 960,
     height: int = 540,
     log_x: bool = False,
+    integer_x: bool = False,
 ) -> Image.Image:
     """Lines with axes, round ticks, grid and legend, e.g. learning curves; ``series`` maps a name to (x, y).
 
     Non-finite points break a line instead of stretching the axes; a short series also gets a
     marker per point. ``log_x`` puts x on a log10 axis (for sweeps such as lambda; x <= 0 is
-    dropped). Returns an RGB image of ``width`` x ``height``.
+    dropped); ``integer_x`` keeps x ticks on whole numbers (counts such as episodes). Returns an RGB
+    image of ``width`` x ``height``.
     """
     points = {}
     for name, pair in series.items():
@@ -206,6 +208,9 @@ def line_chart(
     xs, ys = np.concatenate([f[0] for f in finite]), np.concatenate([f[1] for f in finite])
     x_ticks, y_ticks = _nice_ticks(xs.min(), xs.max(), 8), _nice_ticks(ys.min(), ys.max(), 6)
     if log_x:  # one tick per decade
+        first = math.floor(xs.min())
+        x_ticks = [float(k) for k in range(first, max(math.ceil(xs.max()), first + 1) + 1)]
+    elif integer_x and x_ticks[1] - x_ticks[0] < 1:  # counts (episodes): no fractional ticks
         first = math.floor(xs.min())
         x_ticks = [float(k) for k in range(first, max(math.ceil(xs.max()), first + 1) + 1)]
 

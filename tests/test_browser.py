@@ -386,7 +386,7 @@ def test_stats_table_after_a_run(server, browser):
         timeout=120, what="the stats table")
     assert rows >= 1
     state = panel_state(browser, "MoEStats", "moeStatsElement")
-    assert state["visible"] and "Model calls" in state["text"], state
+    assert state["visible"] and "Model calls" in state["text"] and "averaged: " in state["text"], state
     show_node(browser, "MoEStats", 1.0, 80, 120)
     shot(browser, "5_stats")
     assert not our_errors(browser)

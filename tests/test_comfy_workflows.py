@@ -308,11 +308,13 @@ def test_router_training_workflow_saves_a_router_the_sampler_uses(server, object
 def test_stats_workflow_shows_the_recorded_runs(server, object_info):
     rows = store_rows(server)
     assert rows, "runs from the earlier workflows should be in the store"
-    prompt = load_prompt("MoE Stats.json", object_info)
+    prompt = load_prompt("MoE Stats.json", object_info, {"MoEStats": {"source": "(all)"}})
     entry = run_ok(server, prompt)
     ui = entry["outputs"][node_of(prompt, "MoEStats")]
     table, payload = ui["text"][0], ui["moe_stats"][0]
     assert payload["runs"] == len(rows)
+    # Every run of this module is 64x64: one size band, so no warning about mixed sizes.
+    assert "Averaged over" in table and "all sources" in payload["averaged"] and "mixes" not in payload["averaged"]
     for expert in {r["expert"] for r in rows}:
         assert expert[:23] in table
     assert output_images(server, entry, node_of(prompt, "PreviewImage"))[0].is_file()
@@ -327,6 +329,22 @@ def test_stats_workflow_shows_the_recorded_runs(server, object_info):
     assert filtered["router"] == "trained_in_test.safetensors"
     assert sum(e["runs"] for e in filtered["experts"]) == sum(
         1 for r in store_rows(server) if r["router"] == "trained_in_test.safetensors")
+
+    # The node's default: sampling runs only; a size band; the model connected.
+    sampling = run_ok(server, load_prompt("MoE Stats.json", object_info))["outputs"][node_of(prompt, "MoEStats")]
+    assert sampling["moe_stats"][0]["runs"] == sum(1 for r in store_rows(server) if r["source"] == "sampling")
+    assert sampling["moe_stats"][0]["filters"]["source"] == "sampling"
+    small = server.get_json("/moe_sampler/stats?source=sampling&size=" + urllib.parse.quote("small (under 384 px)"))
+    assert small["runs"] == sampling["moe_stats"][0]["runs"] and "small" in small["averaged"]  # every test run is tiny
+    none = server.get_json("/moe_sampler/stats?size=" + urllib.parse.quote("about 1024 px (768-1535 px)"))
+    assert none["runs"] == 0 and none["experts"] == []
+    with_model = load_prompt("MoE Stats.json", object_info, {"MoEStats": {"source": "(all)"}})
+    with_model["90"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_CHECKPOINT_NAME}}
+    with_model[node_of(with_model, "MoEStats")]["inputs"]["model"] = ["90", 0]
+    by_model = run_ok(server, with_model)["outputs"][node_of(with_model, "MoEStats")]["moe_stats"][0]
+    fingerprinted = [r for r in store_rows(server) if r.get("model")]
+    assert by_model["filters"]["model"] and by_model["runs"] == sum(
+        1 for r in fingerprinted if r["model"] == by_model["filters"]["model"])
 
 
 # ------------------------------------------------------------------------------ interruption
@@ -408,6 +426,8 @@ def _rejected(server: ComfyServer, prompt: dict) -> str:
     ("MoERouterTrainer", {"cfg_values": "7, lots"}, "cfg_values"),
     ("MoERouterTrainer", {"prompts": "  \n \n"}, "prompts"),
     ("MoEStats", {"router": "../../x.safetensors"}, "router"),
+    ("MoEStats", {"source": "everything"}, "source"),
+    ("MoEStats", {"size": "huge"}, "size"),
 ])
 def test_bad_input_is_rejected_naming_the_input(server, object_info, node_type, inputs, named):
     before = store_rows(server)

@@ -37,9 +37,9 @@ export const moeClient = {
     if (!response.ok) throw new Error(`GET /moe_sampler/${path} answered HTTP ${response.status}`);
     return response.json();
   },
-  /** Per-expert aggregates; router omitted or "(all)" for every router. */
-  stats(router) {
-    return this.get("stats", { router: router === ALL_ROUTERS ? undefined : router });
+  /** Per-expert aggregates; router omitted or "(all)" for every router; ``filters``: source, size. */
+  stats(router, filters = {}) {
+    return this.get("stats", { router: router === ALL_ROUTERS ? undefined : router, ...filters });
   },
   routers() {
     return this.get("routers");
@@ -155,7 +155,13 @@ export function renderRuns(root, saved) {
       body.append(table);
     }
     const router = why.router;
-    if (router?.learning) body.append(element("div", "moe-note", `Router ${router.label}: ${router.learning}.`));
+    if (run.learning?.text) body.append(element("div", "moe-note", `Learning: ${run.learning.text}`));
+    else if (router?.learning) body.append(element("div", "moe-note", `Router ${router.label}: ${router.learning}.`));
+    if (run.audited && run.audit) {
+      const quality = isNumber(run.audit.quality) ? `measured quality ${run.audit.quality.toFixed(2)}` : "audit failed";
+      body.append(element("div", "moe-note", `Audited: ${quality} (+${formatSeconds(run.audit_seconds ?? 0)} for the reference run).`));
+    }
+    if (run.warning) body.append(element("div", "moe-stale", `⚠ ${run.warning}`));
     if (run.ab) body.append(element("pre", "", abText(run.ab)));
   });
   if (saved?.at) body.append(element("div", "moe-note", `Run at ${new Date(saved.at).toLocaleString()}.`));
@@ -300,9 +306,12 @@ function showStats(node, payload, keep = true) {
 }
 
 async function refreshStats(node) {
-  const router = node.widgets?.find((w) => w.name === "router")?.value;
+  // A node whose model input is connected filters by that model, which only the server can
+  // fingerprint: it updates when it runs, not from here.
+  if (node.inputs?.some((slot) => slot.name === "model" && slot.link != null)) return;
+  const router = widgetValue(node, "router");
   try {
-    showStats(node, await moeClient.stats(router));
+    showStats(node, await moeClient.stats(router, { source: widgetValue(node, "source"), size: widgetValue(node, "size") }));
   } catch (error) {
     if (node.moeStatsElement) renderText(node.moeStatsElement, `Could not load stats: ${error.message}`);
   }
