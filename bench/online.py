@@ -103,19 +103,36 @@ def router_picks(router, env, pool, lambda_from_priority):
     return out
 
 
+def environments(yardstick: str, seed: int, n_heldout: int, calibration_contexts: int, stream_contexts: int):
+    """(stream, held-out, calibration, sweep factory) environments on one yardstick."""
+    from moe_sampler.router.environment import AnalyticEnvironment
+
+    if yardstick == "analytic":
+        return (AnalyticEnvironment("train", seed=seed, n_models=200),
+                AnalyticEnvironment("heldout", seed=seed, n_models=40, pool_size=n_heldout),
+                AnalyticEnvironment("train", seed=seed + 1000, n_models=30, pool_size=calibration_contexts),
+                lambda n: AnalyticEnvironment("train", seed=seed + 2000, n_models=200, pool_size=n))
+    from .references import learned_environment  # the learned digits model: draws of class, cfg, seed, img2img
+
+    def make(n, s):
+        return learned_environment(1e-5, 20, n, s)[1]  # draws from its fixed list of n contexts
+
+    return (make(stream_contexts, seed), make(n_heldout, seed + 500), make(calibration_contexts, seed + 1000),
+            lambda n: make(n, seed + 2000))
+
+
 def simulate(seed: int, generations: int, audit_rate: float, every: int, epsilon: float, n_heldout: int,
-             calibration_contexts: int) -> dict:
+             calibration_contexts: int, yardstick: str = "analytic") -> dict:
     (default_pool, quality_from_error, calibration, online, AnalyticEnvironment, Router, cost_from_nfe,
      lambda_from_priority, MoERLTrainer) = _imports()
     torch.manual_seed(seed)
     pool = default_pool()
     rng = random.Random(seed)
-    stream = AnalyticEnvironment("train", seed=seed, n_models=200)
-    held = AnalyticEnvironment("heldout", seed=seed, n_models=40, pool_size=n_heldout)
+    stream, held, calib_env, sweep_env_of = environments(yardstick, seed, n_heldout, calibration_contexts,
+                                                         max(2 * generations, 200))
     start = time.perf_counter()
     q_held, n_held = heldout_table(held, pool, quality_from_error)
     # the shipped calibration: pairs from other contexts (another seed of the training split)
-    calib_env = AnalyticEnvironment("train", seed=seed + 1000, n_models=30, pool_size=calibration_contexts)
     pairs = []
     for context in calib_env.contexts:
         for expert in pool:
@@ -167,7 +184,7 @@ def simulate(seed: int, generations: int, audit_rate: float, every: int, epsilon
             total = calls["experts"] + calls["audits"]
             per_context = float(n_held.sum(1).mean()) + REFERENCE_CALLS
             sweep_contexts = max(1, int(total // per_context))
-            sweep_env = AnalyticEnvironment("train", seed=seed + 2000, n_models=200, pool_size=sweep_contexts)
+            sweep_env = sweep_env_of(sweep_contexts)
             trainer = MoERLTrainer(sweep_env, Router.default(), pool, mode="sweep", seed=seed)
             trainer.train(2 * sweep_contexts)
             results[t] = {
@@ -189,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--yardstick", choices=("analytic", "learned"), default="analytic")
     parser.add_argument("--generations", type=int, default=500)
     parser.add_argument("--audit-rate", type=float, default=0.02)
     parser.add_argument("--every", type=int, default=25)
@@ -202,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     runs = [simulate(s, args.generations, args.audit_rate, args.every, args.epsilon, args.heldout,
-                     args.calibration_contexts) for s in range(args.first_seed, args.first_seed + args.seeds)]
-    print(f"\n== Learning from use on the analytic model: {args.seeds} seed(s), audit rate {args.audit_rate}, "
+                     args.calibration_contexts, args.yardstick)
+            for s in range(args.first_seed, args.first_seed + args.seeds)]
+    print(f"\n== Learning from use on the {args.yardstick} model: {args.seeds} seed(s), audit rate {args.audit_rate}, "
           f"update every {args.every}, epsilon {args.epsilon}, {args.heldout} held-out contexts ==")
     print("closed gap on held-out contexts, point [95% bootstrap CI] per seed; 'sweep' = full-sweep training at "
           "equal model calls")
