@@ -462,6 +462,7 @@ def learner() -> OnlineLearner | None:
 # ----------------------------------------------------------------------------- the on-demand node
 
 
+@functools.lru_cache(maxsize=None)  # one class per process, however often the node list is built
 def _learn_node() -> Any:
     from comfy_api.latest import io
 
