@@ -112,10 +112,18 @@ def learned_label(key: str) -> str:
 
 
 def registry() -> Any:
-    """The routers folder as a :class:`~moe_sampler.router.versions.LocalRegistry`."""
+    """The routers folder as a :class:`~moe_sampler.router.versions.LocalRegistry`; with a PostgreSQL
+    stats store (a farm), the database's :class:`~moe_sampler.router.pg_registry.PostgresRegistry`
+    cached in that folder, its follower thread started (never blocks)."""
     from ..router.versions import LocalRegistry
+    from ..stats.postgres_store import is_database_url
     from . import paths
 
+    target = paths.stats_store_target()
+    if is_database_url(target):
+        from ..router.pg_registry import shared_registry
+
+        return shared_registry(target, paths._router_folders()[0])
     return LocalRegistry(paths._router_folders()[0])
 
 
@@ -155,10 +163,12 @@ def learned_policy(key: str, epsilon: float | None = None) -> LearnedPolicy:
     from . import paths
 
     label = learned_label(key)
-    try:
-        router = paths.load_router(label)
-    except ValueError:  # no version yet (or an unreadable file: logged once by the cache miss)
-        router = None
+    router = None
+    if registry().followed_path(learned_router_name(key)).is_file():  # no listing on the hot path
+        try:
+            router = paths.load_router(label)
+        except ValueError as exc:  # an unreadable version: keep sampling with the learning phase
+            logger.warning("MoE learned router %s cannot be used (%s); using the best fixed expert", label, exc)
     epsilon = epsilon if epsilon is not None else (EXPLORATION if EXPLORATION is not None else EPSILON)
     with _policy_lock:
         cached = _policies.get(key)
