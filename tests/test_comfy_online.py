@@ -173,3 +173,21 @@ def test_runs_are_not_slowed_by_a_background_update(env, store):
     after = run(env, store, quiet, seed=7).ui()["moe_run"][0]
     assert after["learning"]["version"] == outcome.version
     assert after["learning"]["fixed_expert"] == env["pool"][2].name  # the logged rows moved the fixed expert
+
+
+def test_learn_from_runs_node(env, tmp_path):
+    """The on-demand node reads this model's rows from the process store and reports the update."""
+    online, paths = env["online"], env["paths"]
+    key = online.model_fingerprint(env["model"])
+    node = online.nodes()[0]
+    schema = node.define_schema()
+    assert schema.node_id == "MoELearnFromRuns" and schema.not_idempotent
+    assert all(i.tooltip for i in schema.inputs)
+    store = paths.stats_store()
+    for seed in range(3):  # a few logged runs of this model in the process-wide store
+        run(env, store, online.OnlineLearner(every=10_000), seed=300 + seed, audit_rate=1.0)
+    out = node.execute(env["model"], expert_pool=env["pool"])
+    report = out.args[0]
+    assert report.startswith(f"{online.learned_router_name(key)}: ")
+    assert "training rows" in report and "held-out" in report
+    assert out.ui["text"] == [report]
