@@ -305,6 +305,40 @@ def test_router_training_workflow_saves_a_router_the_sampler_uses(server, object
     assert run["router"] == "trained_in_test.safetensors"
 
 
+def test_training_progress_counts_expert_runs_with_a_preview(server, object_info):
+    """The bar moves per expert run inside an episode, and each run sends a preview image."""
+    prompt = load_prompt("MoE Router Training (quick start).json", object_info, {
+        "MoERouterTrainer": {**SMALL_TRAINING, "episodes": 2, "seeds_per_prompt": 2, "router_name": "progress_test",
+                             "resume": False},
+        "MoEExpertPool": CHEAP_POOL})
+    trainer = node_of(prompt, "MoERouterTrainer")
+    client = uuid.uuid4().hex
+    progress, previews = [], 0
+    with server.events(client) as events:
+        prompt_id = server.queue_prompt(prompt, client_id=client, extra_data={"preview_method": "none"})
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                message = events.recv(max(deadline - time.monotonic(), 0.1))
+            except TimeoutError:
+                break
+            if isinstance(message, bytes):
+                previews += 1
+                continue
+            event = json.loads(message)
+            if event["type"] == "progress" and event["data"].get("node") == trainer:
+                progress.append((event["data"]["value"], event["data"]["max"]))
+            if event["type"] in ("execution_success", "execution_error") and event["data"].get("prompt_id") == prompt_id:
+                break
+    assert server.wait_for(prompt_id)["status"]["status_str"] == "success"
+    # Two episodes of a two-expert pool: 4 units. The first expert run of an episode is a step of
+    # its own (1 of 4); a repeated context is cached and only moves the bar at its episode's end.
+    assert {m for _, m in progress} == {4}, progress
+    values = {v for v, _ in progress}
+    assert {1, 2, 4} <= values and values <= {0, 1, 2, 3, 4}, progress
+    assert previews >= 2, "each fresh expert run shows its image (latent preview)"
+
+
 def test_stats_workflow_shows_the_recorded_runs(server, object_info):
     rows = store_rows(server)
     assert rows, "runs from the earlier workflows should be in the store"
