@@ -185,11 +185,11 @@ def learning_info(choice: Any, learned: LearnedPolicy, learner: "OnlineLearner |
     policy = learned.policy
     rows = policy.evidence.rows
     if choice.phase == "learning":
-        text = (f"learning: using the best fixed expert ({choice.fixed_expert}) until the router has learned "
-                f"enough from this model's runs ({rows} rows so far)")
+        text = (f"using the best fixed expert ({choice.fixed_expert}) until the router has learned enough from "
+                f"this model's runs ({rows} rows so far)")
     else:
-        text = (f"learned router v{learned.version} ({rows} rows of this model); deviates from the best fixed "
-                f"expert ({choice.fixed_expert}) only where the data supports it")
+        text = (f"router v{learned.version} of this model ({rows} rows) deviates from the best fixed expert "
+                f"({choice.fixed_expert}) only where the data supports it")
     info = {"phase": choice.phase, "text": text, "version": learned.version, "rows": rows,
             "fixed_expert": choice.fixed_expert, "explored": choice.explored, "epsilon": policy.epsilon,
             "model": key}
@@ -225,7 +225,7 @@ def badge_extras(ui: dict, model: str | None, learning: dict | None, audit: "Aud
     info["warning"] = warning
     lines = []
     if learning is not None:
-        lines.append(learning["text"])
+        lines.append(f"{'learning' if learning['phase'] == 'learning' else 'learned'}: {learning['text']}")
     if audit is not None:
         quality = "failed" if audit.quality is None else f"quality {audit.quality:.2f}"
         lines.append(f"audited: {quality}, +{audit.seconds:.2f} s for the {audit.nfe}-call reference")
