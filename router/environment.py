@@ -132,24 +132,16 @@ class ContextSource(Protocol):
     def clean_latent(self, context: Any) -> Tensor | None: ...
 
 
-class DormandPrince:
-    """The reference solver: Dormand-Prince 5(4) with step control on the probability-flow ODE
-    ``dx/dt = x - D(x, e^t)`` in ``t = log sigma``, from the start sigma down to ``sigma_end``
-    (the model's ``sigma_min`` when None), then ``D`` there, as every expert's last step does.
+class _FlowReference:
+    """A reference solve of the probability-flow ODE ``dx/dt = x - D(x, e^t)`` in ``t = log
+    sigma`` (float64), from the start sigma down to ``sigma_end`` (the model's ``sigma_min``
+    when None), then ``D`` there, as every expert's last step does; subclasses integrate."""
 
-    An adaptive Runge-Kutta pair is a different family from the experts it grades (multistep
-    DPM-Solver++, DPM-Solver-1/2 pairs, Euler/DDPM): its errors do not line up with theirs.
-    ``dtype`` is what the state is integrated in (float64; a float32 network's outputs are cast
-    to it). ``atol``: the absolute tolerance (``rtol / 100`` by default); a float32 network's
-    rounding sets a floor on what a step's error estimate can resolve, so a larger ``atol`` saves
-    calls there (see docs/ROUTER.md for what the learned model needs).
-    """
+    sigma_end: float | None = None
+    dtype: torch.dtype = torch.float64
 
-    def __init__(self, rtol: float = 1e-5, sigma_end: float | None = None, dtype: torch.dtype = torch.float64,
-                 atol: float | None = None) -> None:
-        if not (0 < rtol < 1):
-            raise ValueError(f"rtol must be in (0, 1), got {rtol}")
-        self.rtol, self.sigma_end, self.dtype, self.atol = rtol, sigma_end, dtype, atol
+    def integrate(self, f: Callable[[Tensor, float], Tensor], x: Tensor, t0: float, t1: float) -> Tensor:
+        raise NotImplementedError
 
     def __call__(self, model: Denoiser, x: Tensor, sigma_start: float, extra_args: dict,
                  schedule: ModelSchedule) -> Tensor:
@@ -161,17 +153,38 @@ class DormandPrince:
             sigma = torch.full((b,), math.exp(t), dtype=self.dtype, device=x_.device)
             return x_ - model(x_, sigma, **extra_args)
 
-        x = _dopri5(f, x, math.log(sigma_start), math.log(sigma_end), rtol=self.rtol, atol=self.atol)
+        x = self.integrate(f, x, math.log(sigma_start), math.log(sigma_end))
         return model(x, torch.full((b,), sigma_end, dtype=self.dtype, device=x.device), **extra_args)
 
 
-class RungeKutta4:
-    """A fixed-step reference: classical RK4 with ``steps`` equal steps in ``log sigma`` from the
-    start sigma to ``sigma_end`` (the model's ``sigma_min`` when None), then ``D`` there
-    (``4 * steps + 1`` model calls): a fixed cost, a one-step Runge-Kutta method (a different
-    family from the multistep and embedded-pair experts). Not the default: on the learned
-    digits model 100 steps are only 3-4x below the best expert's error and 200 steps 6-12x,
-    where Dormand-Prince at rtol 1e-5 is 23-37x below (docs/ROUTER.md).
+class DormandPrince(_FlowReference):
+    """The reference solver: Dormand-Prince 5(4) with step control on the probability-flow ODE
+    (see :class:`_FlowReference`) down to ``sigma_end`` (the model's ``sigma_min`` when None).
+
+    An adaptive Runge-Kutta pair is a different family from the experts it grades (multistep
+    DPM-Solver++, DPM-Solver-1/2 pairs, Euler/DDPM): its errors do not line up with theirs.
+    ``dtype`` is what the state is integrated in (float64; a float32 network's outputs are cast
+    to it). ``atol``: the absolute tolerance (``rtol / 100`` by default); a looser one saves
+    calls but, on the learned model, costs most of the accuracy (docs/ROUTER.md).
+    """
+
+    def __init__(self, rtol: float = 1e-5, sigma_end: float | None = None, dtype: torch.dtype = torch.float64,
+                 atol: float | None = None) -> None:
+        if not (0 < rtol < 1):
+            raise ValueError(f"rtol must be in (0, 1), got {rtol}")
+        self.rtol, self.sigma_end, self.dtype, self.atol = rtol, sigma_end, dtype, atol
+
+    def integrate(self, f: Callable[[Tensor, float], Tensor], x: Tensor, t0: float, t1: float) -> Tensor:
+        return _dopri5(f, x, t0, t1, rtol=self.rtol, atol=self.atol)
+
+
+class RungeKutta4(_FlowReference):
+    """A fixed-step reference: classical RK4 with ``steps`` equal steps in ``log sigma`` down to
+    ``sigma_end`` (the model's ``sigma_min`` when None), then ``D`` there (``4 * steps + 1``
+    model calls): a fixed cost, a one-step Runge-Kutta method (a different family from the
+    multistep and embedded-pair experts). Not the default: on the learned digits model 100
+    steps are only 3-4x below the best expert's error and 200 steps 6-12x, where Dormand-Prince
+    at rtol 1e-5 is 23-37x below (docs/ROUTER.md).
     """
 
     def __init__(self, steps: int = 200, sigma_end: float | None = None) -> None:
@@ -179,17 +192,8 @@ class RungeKutta4:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.steps, self.sigma_end = steps, sigma_end
 
-    def __call__(self, model: Denoiser, x: Tensor, sigma_start: float, extra_args: dict,
-                 schedule: ModelSchedule) -> Tensor:
-        sigma_end = self.sigma_end if self.sigma_end is not None else schedule.sigma_min
-        x = x.to(torch.float64).clone()
-        b = x.shape[0]
-
-        def f(x_: Tensor, t: float) -> Tensor:
-            return x_ - model(x_, torch.full((b,), math.exp(t), dtype=torch.float64, device=x_.device), **extra_args)
-
-        x = _rk4(f, x, math.log(sigma_start), math.log(sigma_end), self.steps)
-        return model(x, torch.full((b,), sigma_end, dtype=torch.float64, device=x.device), **extra_args)
+    def integrate(self, f: Callable[[Tensor, float], Tensor], x: Tensor, t0: float, t1: float) -> Tensor:
+        return _rk4(f, x, t0, t1, self.steps)
 
 
 def snap_to_grid(sigma: float, per_decade: int, above: float = 0.0) -> float:
