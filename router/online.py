@@ -36,7 +36,6 @@ Pure torch; no ComfyUI import.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -51,7 +50,7 @@ from torch import Tensor
 
 from ..experts.base import ExpertDescriptor
 from .features import STATE_DIM
-from .model import Router
+from .model import ExpertScorer, Router
 from .policy import REFERENCE_TEMPERATURE, Selection, check_priority, cost_from_nfe, draw, lambda_from_priority
 from .policy import probabilities as softmax_probabilities
 
@@ -459,8 +458,10 @@ def fit_candidate(router: Router, rows: Sequence[LoggedRow], descriptors: dict[s
     original is not touched. ``steps`` defaults to ``clamp(2 * rows, 100, 600)`` Adam steps;
     ``pause`` seconds of sleep after each step leave the CPU (and the GIL) to sampling when the
     fit runs in the background."""
-    candidate = Router(copy.deepcopy(router.scorer), name=router.name, training=dict(router.training),
-                       descriptors=router.descriptors)
+    with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; the copy must be trainable
+        scorer = ExpertScorer(hidden=router.scorer.hidden)
+        scorer.load_state_dict({k: v.clone() for k, v in router.scorer.state_dict().items()})
+    candidate = Router(scorer, name=router.name, training=dict(router.training), descriptors=router.descriptors)
     rows = [r for r in rows if r.expert in descriptors]
     if not rows:
         return candidate
@@ -473,7 +474,7 @@ def fit_candidate(router: Router, rows: Sequence[LoggedRow], descriptors: dict[s
     generator = torch.Generator().manual_seed(seed)
     scorer = candidate.scorer
     optimizer = torch.optim.Adam(scorer.parameters(), lr=learning_rate)
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         for _ in range(steps):
             if should_stop is not None and should_stop():
                 break

@@ -300,3 +300,15 @@ def test_the_guard_keeps_the_fixed_expert_on_a_context_unlike_any_logged_one():
     assert policy.select(inside, POOL, priority).selection.expert == "NoiseAdaptive"
     assert policy.select(outside, POOL, priority).selection.expert == "BalancedMaster"
     assert Evidence.from_json(logged.to_json()).known(torch.stack([inside, outside])).tolist() == [True, False]
+
+
+def test_an_update_works_inside_inference_mode(sweep_rows, tmp_path):
+    """ComfyUI executes nodes under torch.inference_mode(): a router loaded there and an update
+    run there must still train (the candidate is a fresh, trainable copy)."""
+    rows = rows_from_records(sweep_rows, model=MODEL)
+    Router.default().save(tmp_path / "r.safetensors")
+    with torch.inference_mode():
+        current = Router.load(tmp_path / "r.safetensors")
+        result = update(current, rows, POOL, model=MODEL, min_rows=10, steps=20)
+    assert result.heldout_rows > 0
+    assert not torch.equal(result.candidate.scorer.prior, current.scorer.prior)  # it trained
