@@ -507,11 +507,14 @@ def _learn_node() -> Any:
         @classmethod
         def execute(cls, model, expert_pool=None) -> io.NodeOutput:
             import comfy.model_management
+            import torch
 
             pool = comfy_experts.check_pool(default_pool() if expert_pool is None else expert_pool)
             key = model_fingerprint(model)
-            outcome = learn_now(key, pool, paths.stats_store(),
-                                should_stop=comfy.model_management.processing_interrupted)
+            # ComfyUI runs nodes under torch.inference_mode(), where the fit's backward() cannot work
+            with torch.inference_mode(False):
+                outcome = learn_now(key, pool, paths.stats_store(),
+                                    should_stop=comfy.model_management.processing_interrupted)
             return io.NodeOutput(outcome.summary, ui={"text": [outcome.summary]})
 
     return MoELearnFromRuns

@@ -48,6 +48,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from ..stats.backend import StatsStoreError
 from ..stats.postgres_store import _LOCK_KEY, SCHEMA, _driver, redact
 from .model import Router, RouterLoadError
 from .versions import EXTENSION, LocalRegistry, VersionInfo, check_registry_name
@@ -84,6 +85,14 @@ def poll_seconds() -> float:
         logger.warning("%s=%r is not a number of seconds; using %s", POLL_VARIABLE, raw, DEFAULT_POLL_SECONDS)
         value = DEFAULT_POLL_SECONDS
     return max(value, 0.05)
+
+
+def _psycopg() -> Any:
+    """The driver; :class:`RegistryUnavailable` saying what to install when it is missing."""
+    try:
+        return _driver()
+    except StatsStoreError as exc:
+        raise RegistryUnavailable(f"router registry: {exc}") from None
 
 
 def router_bytes(router: Router) -> bytes:
@@ -135,7 +144,7 @@ class PostgresRegistry:
     # ------------------------------------------------------------------------------ connections
 
     def _connect(self) -> Any:
-        psycopg = _driver()
+        psycopg = _psycopg()
         try:
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
         except psycopg.Error as exc:
@@ -181,7 +190,7 @@ class PostgresRegistry:
 
     def _run(self, work: Callable[[Any], Any]) -> Any:
         """``work(conn)`` on a fresh connection; database faults become :class:`RegistryUnavailable`."""
-        psycopg = _driver()
+        psycopg = _psycopg()
         conn = self._connect()
         try:
             return work(conn)
@@ -220,7 +229,7 @@ class PostgresRegistry:
         s = self.schema
 
         def adopt(conn: Any) -> bool:
-            psycopg = _driver()
+            psycopg = _psycopg()
             try:
                 with conn.transaction():
                     conn.execute("SET LOCAL lock_timeout = 10000")
@@ -309,7 +318,7 @@ class PostgresRegistry:
     def sync(self) -> list[tuple[str, int]]:
         """Check the adopted versions once and copy every one this worker does not have into the
         cache; returns the ``(name, version)`` pairs copied. Raises :class:`RegistryUnavailable`."""
-        psycopg = _driver()
+        psycopg = _psycopg()
         with self._follow_lock:
             try:
                 if self._follow_conn is None or self._follow_conn.closed:

@@ -304,3 +304,33 @@ def test_learning_loop_uses_the_shared_registry_with_a_postgresql_store(database
         registry.close()
         online_module_shared = sys.modules["moe_sampler.router.pg_registry"]._shared
         online_module_shared.clear()
+
+
+def test_without_psycopg_the_registry_imports_and_serves_the_local_copy(tmp_path):
+    """psycopg is optional: the module imports, reads fall back to the local copy and the follower
+    says what to install (once), never a traceback per check."""
+    import subprocess
+
+    from helpers import BOOTSTRAP
+
+    script = BOOTSTRAP + f"""
+import logging, sys, time
+sys.modules["psycopg"] = None  # import psycopg now raises ImportError
+logging.basicConfig(level=logging.WARNING)
+from moe_sampler.router.model import Router
+from moe_sampler.router.versions import LocalRegistry
+from moe_sampler.router.pg_registry import PostgresRegistry
+LocalRegistry({str(tmp_path)!r}).publish("learned/x", Router.default())
+registry = PostgresRegistry("postgresql://user:secret@127.0.0.1:1/farm", {str(tmp_path)!r}, poll=0.05)
+assert registry.latest("learned/x").version == 1 and registry.load("learned/x").training["version"] == 1
+registry.follow()
+time.sleep(1.0)
+registry.close()
+print(registry.online, registry.checks)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "0"]
+    assert "pip install 'moe-adaptive-sampler[postgres]'" in done.stderr
+    assert "Traceback" not in done.stderr and "secret" not in done.stderr
+    assert done.stderr.count("sampling goes on with the local copies") == 1
