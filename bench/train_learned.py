@@ -51,7 +51,7 @@ _load_package()
 from moe_sampler.experts import registered_experts  # noqa: E402
 from moe_sampler.experts.dpm_solver import sample_dpmpp_2m  # noqa: E402
 from moe_sampler.experts.learned import (  # noqa: E402
-    CLASS_TOKENS, EMBED_DIM, IMAGES_FILE, NULL_CLASS, NUM_CLASSES, WEIGHTS_FILE, build_unet,
+    CLASS_TOKENS, EMBED_DIM, IMAGES_FILE, NULL_CLASS, NUM_CLASSES, WEIGHTS_FILE, LearnedModel, build_unet,
     load_learned_model, save_images, save_weights, sd_alphas_cumprod,
 )
 from moe_sampler.experts.schedules import karras_sigmas  # noqa: E402
@@ -202,15 +202,23 @@ def samples_grid(grid: torch.Tensor, cfg: float, scale: int = 3, pad: int = 2) -
 
 
 def experts(args: argparse.Namespace) -> None:
+    from moe_sampler.experts.base import CountingDenoiser
+
     model = load_learned_model()
     labels = torch.arange(NUM_CLASSES)
     x = model.initial_noise(NUM_CLASSES, args.seed)
     sigma_max = model.schedule().sigma_max
-    start = time.perf_counter()
-    ref = model.reference(x, sigma_max, cond=labels, cfg=args.cfg, steps=200)
-    ref_coarse = model.reference(x, sigma_max, cond=labels, cfg=args.cfg, steps=100)
-    print(f"reference: RK4 in log sigma, 200 steps ({time.perf_counter() - start:.0f}s for both); "
-          f"RK4-100 vs RK4-200 error {model.relative_error(ref_coarse, ref).mean():.2e}", flush=True)
+    refs = {}
+    for name, kwargs in (("dopri5 rtol 1e-5", dict(rtol=1e-5)), ("dopri5 rtol 1e-7", dict(rtol=1e-7)),
+                         ("rk4 200 steps", dict(method="rk4", steps=200))):
+        counted, start = CountingDenoiser(model), time.perf_counter()
+        # reference() run on the counting wrapper (it forwards attributes), so its own calls are counted.
+        refs[name] = LearnedModel.reference(counted, x, sigma_max, cond=labels, cfg=args.cfg, **kwargs)
+        print(f"reference {name}: {counted.calls} model calls, {time.perf_counter() - start:.0f}s", flush=True)
+    tight = refs.pop("dopri5 rtol 1e-7")
+    for name, ref in refs.items():
+        print(f"{name} vs dopri5 rtol 1e-7: mean relative error {model.relative_error(ref, tight).mean():.2e}")
+    ref = refs["dopri5 rtol 1e-5"]
     print("| expert | model calls | mean relative error vs reference |\n|---|---:|---:|")
     for expert in registered_experts():
         sigmas = expert.sigmas(model.schedule())
