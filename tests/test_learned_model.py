@@ -117,9 +117,9 @@ def test_runtime_needs_no_sklearn_or_comfy():
 
 def test_reference_methods_agree_on_a_short_solve(model):
     x0, x = model.img2img_start(torch.tensor([4]), sigma=0.3, seed=2)
-    rk4 = model.reference(x, 0.3, cond=4, cfg=3.0, method="rk4", steps=8)
-    dopri = model.reference(x, 0.3, cond=4, cfg=3.0, rtol=1e-4)
+    rk4 = model.reference(x, 0.3, cond=4, cfg=3.0, method="rk4", steps=4)
+    dopri = model.reference(x, 0.3, cond=4, cfg=3.0, rtol=1e-3)
     assert rk4.shape == x.shape and rk4.dtype == torch.float32
-    assert model.relative_error(rk4, dopri).item() < 0.05
+    assert model.relative_error(rk4, dopri).item() < 0.01
     with pytest.raises(ValueError, match="method"):
         model.reference(x, 0.3, cond=4, method="euler")
