@@ -72,6 +72,22 @@ def test_pyproject_has_registry_and_package_metadata():
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["web"] == "web"
 
 
+def test_package_data_ships_every_data_file_the_pack_reads():
+    # A pip install (not -e) copies only what these globs match: the learned model's weights and
+    # digits, the web client and the templates must all be matched, and every package listed.
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = meta["tool"]["setuptools"]["package-data"]["moe_sampler"]
+    shipped = [*ROOT.glob("experts/data/*"), *ROOT.glob("web/*.js"), *ROOT.glob("example_workflows/*")]
+    assert any(path.suffix == ".safetensors" for path in shipped)
+    for path in shipped:
+        relative = path.relative_to(ROOT).as_posix()
+        assert any(Path(relative).match(pattern) for pattern in globs), f"{relative} is not in package-data"
+    packages = set(meta["tool"]["setuptools"]["packages"])
+    for init in ROOT.glob("*/__init__.py"):
+        if init.parent.name not in ("tests", "bench"):  # benchmarks run from a checkout, not an install
+            assert f"moe_sampler.{init.parent.name}" in packages, init.parent.name
+
+
 def test_loads_by_path_under_any_folder_name_like_comfyui(tmp_path):
     # ComfyUI imports <pack>/__init__.py under a path-like module name; relative imports must work.
     script = f"""
