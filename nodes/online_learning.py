@@ -374,8 +374,13 @@ def learn_now(key: str, experts: Sequence[Any], store: Any, registry_: Any = Non
     result = update(current, rows, experts, model=key, should_stop=should_stop, seed=seed, **options)
     version = None
     if result.adopted:
+        from ..router.pg_registry import LostRace
+
         result.candidate.name = name
-        version = registry_.publish(name, result.candidate).version
+        try:
+            version = registry_.publish(name, result.candidate).version
+        except LostRace as exc:  # a farm: another worker adopted a version first
+            return LearnOutcome(key, result, None, str(exc), len(rows))
     summary = f"{name}: " + (f"v{version} " if version is not None else "") + result.summary()
     return LearnOutcome(key, result, version, summary, len(rows))
 

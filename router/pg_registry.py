@@ -232,7 +232,7 @@ class PostgresRegistry:
             psycopg = _psycopg()
             try:
                 with conn.transaction():
-                    conn.execute("SET LOCAL lock_timeout = 10000")
+                    conn.execute("SET LOCAL lock_timeout = 30000")  # behind a concurrent adopter
                     if expected == 0:
                         moved = conn.execute(
                             f"INSERT INTO {s}.routers (name, version, updated, worker) VALUES (%s, %s, %s, %s) "

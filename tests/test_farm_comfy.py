@@ -158,6 +158,7 @@ def test_a_router_adopted_on_one_server_is_used_by_the_other(servers, database):
     copied_after = copy.stat().st_mtime - adopted_at
     # ... and its next run uses it (the node re-runs: its fingerprint follows the file)
     seed, used = 3, None
+    deadline = time.monotonic() + 300  # a generation takes seconds on a loaded 2-core machine
     while used is None or used["learning"]["version"] != 1:
         assert time.monotonic() < deadline, f"server B still runs v{used['learning']['version']}"
         used = sample(b, seed=seed)

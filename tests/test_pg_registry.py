@@ -334,3 +334,48 @@ print(registry.online, registry.checks)
     assert "pip install 'moe-adaptive-sampler[postgres]'" in done.stderr
     assert "Traceback" not in done.stderr and "secret" not in done.stderr
     assert done.stderr.count("sampling goes on with the local copies") == 1
+
+
+def test_an_update_that_loses_the_race_says_so_and_stores_nothing(db, tmp_path):
+    """learn_now on worker B fits from 'no version'; worker A adopts v1 during B's fit: B's update
+    reports the lost race, stores no version, and B's next update starts from A's v1."""
+    import random as random_module
+
+    from moe_sampler.experts import default_pool
+    from moe_sampler.stats.store import RunRecord, StatsStore
+
+    online = import_node_module("online_learning")
+    url, schema = db
+    key = "eps-0123456789"
+    name = online.learned_router_name(key)
+    pool = default_pool()
+    store = StatsStore(tmp_path / "stats.sqlite3")
+    rng = random_module.Random(0)
+    for i in range(600):  # one expert clearly best: the update adopts its candidate
+        expert = pool[i % len(pool)]
+        quality = (0.2, 0.35, 0.5, 0.6, 0.95)[i % len(pool)] + 0.04 * rng.random()
+        store.record(RunRecord(expert=expert.name, router=online.learned_label(key), nfe=20, steps=10, seconds=0.1,
+                               success=True, quality=min(quality, 1.0), propensity=1 / len(pool), priority=0.5,
+                               state=[0.1] * 64, seed=i, model=key, quality_source="audit"))
+    a = PostgresRegistry(url, tmp_path / "a", schema=schema, worker="a")
+    b = PostgresRegistry(url, tmp_path / "b", schema=schema, worker="b")
+    raced = []
+
+    def adopt_on_a_during_the_fit() -> bool:
+        if not raced:
+            raced.append(a.publish(name, make_router(7, key)).version)
+        return False
+
+    try:
+        lost = online.learn_now(key, pool, store, registry_=b, should_stop=adopt_on_a_during_the_fit, steps=50)
+        assert raced == [1] and lost.result is not None and lost.result.adopted, lost.summary
+        assert lost.version is None
+        assert lost.summary.startswith(f"router {name}: lost the race: v1 was adopted by another worker")
+        assert [v.version for v in b.versions(name)] == [1] and b.versions(name)[0].training["seed"] == 7
+        again = online.learn_now(key, pool, store, registry_=b, steps=50)
+        if again.result.adopted:  # judged against A's v1 this time
+            assert again.version == 2 and b.load(name).training["parent"] == 1
+        else:
+            assert again.version is None and b.latest(name).version == 1
+    finally:
+        store.close()
