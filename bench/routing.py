@@ -1,23 +1,37 @@
 """Does the learned router beat the best single expert on contexts it has never seen?
 
     OMP_NUM_THREADS=1 python -m bench.routing [--quick] [--workers 2] [--seed 0]
+        [--yardsticks analytic,learned] [--cache FILE] [--analytic-sizes T,H,C,S] [--learned-sizes T,H,C,S]
 
-On the analytic model (exact reference solutions), training and held-out contexts come from
-different prompts (knob values), noise seeds and guidance values. Every expert runs once on
-every context (outcomes kept in memory only); the router is scored on utility = quality -
-lambda x cost over a sweep of lambda against the single best expert (SBS) and the per-context
-oracle (VBS). The oracle gap comes first, with the part of it that no router can reach: the
-oracle knows how each expert fares on *this* noise seed, a router sees only the conditions.
-The "noise-blind ceiling" picks, per held-out context, the expert with the best utility
-averaged over other seeds of the same conditions. Two pools: the default pool, and a labelled
-bench pool that adds members built from the same solvers with other step counts and
-schedules (what users build with the MoE Expert node).
+Two yardsticks, side by side: the analytic Gaussian-mixture model (exact references; training
+and held-out contexts come from different prompts (knob values), noise seeds and guidance
+values) and the shipped learned digits UNet (``experts/learned.py``, through the generic
+``DenoiserEnvironment``; held-out contexts share its ten classes but not noise seeds, guidance
+values or img2img start digits; Dormand-Prince rtol 1e-5 references, about 1,100 model calls
+each, so its sweeps are small). Every expert runs once on every context (``--cache`` keeps
+the rows in a JSON-lines file so an interrupted or repeated run reuses them); policies are
+scored on utility = quality - lambda x cost over a sweep of lambda against the single best
+expert (SBS) and the per-context oracle (VBS). The oracle gap comes first, with the part of it
+that no router can reach: the oracle knows how each expert fares on *this* noise seed, a
+router sees only the conditions. The "noise-blind ceiling" picks, per held-out context, the
+expert with the best utility averaged over other seeds of the same conditions.
+
+Per yardstick (default pool), the closed gap with a bootstrap 95% interval at every priority,
+on all held-out contexts and split text-to-image / img2img, of: the untrained router; routers
+trained by full sweep on 10, 30, 100 and all training contexts of that yardstick; the router
+trained on the other yardstick; the guarded policy of ``router.online`` after one online update
+from the same sweep rows (issue 8, items 5 and 6); and model calls saved at equal mean quality
+against every fixed expert. On the analytic model also the earlier report: two pools (the
+default pool, and a labelled bench pool that adds members built from the same solvers with
+other step counts and schedules, as users build with the MoE Expert node), learning curves of
+sweep and bandit training.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import multiprocessing
 import random
@@ -100,29 +114,126 @@ def make_env(split: str, seed: int, n: int, conditions: str) -> AnalyticEnvironm
     return AnalyticEnvironment(split, seed=seed, n_models=MODELS[split], pool_size=n, conditions=CONDITIONS[conditions])
 
 
-def _sweep_chunk(job: tuple) -> list[list[tuple[float, int]]]:
-    split, seed, n, conditions, items = job
+# ----------------------------------------------------------------------------- the learned yardstick
+
+# Held-out learned contexts share the ten classes with training (the model has no others), but
+# not their noise seeds, img2img start images (the first 14 shipped digits of each class train,
+# the last 6 are held out) or guidance values.
+LEARNED_SPLITS = {
+    "train": {"cfgs": (1.0, 1.5, 2.0, 3.0, 5.0, 7.5), "images": slice(0, 14)},
+    "heldout": {"cfgs": (1.0, 1.25, 2.5, 4.0, 6.0), "images": slice(14, 20)},
+}
+LEARNED_RTOL = 1e-5  # Dormand-Prince reference, 23-37x below the best expert's error there (docs/ROUTER.md)
+_LEARNED_MODEL = None
+
+
+def learned_env(split: str, seed: int, n: int):
+    """A DenoiserEnvironment on the shipped learned digits model with a fixed list of ``n``
+    contexts of ``split`` (30% img2img, denoise 0.15-0.9; the first ``k`` contexts are the same
+    for every ``n >= k``)."""
+    global _LEARNED_MODEL
+    from moe_sampler.experts.learned import NULL_CLASS, load_learned_model
+    from moe_sampler.router.environment import SPLITS, DenoiserEnvironment, DormandPrince, PromptContexts
+
+    if _LEARNED_MODEL is None:
+        _LEARNED_MODEL = load_learned_model()
+    model, spec = _LEARNED_MODEL, LEARNED_SPLITS[split]
+    k = model.num_classes
+    images = torch.cat([model.data_images(c)[spec["images"]] for c in range(k)])
+    source = PromptContexts(list(range(k)), None, model.latent_shape, cfgs=spec["cfgs"], img2img_fraction=0.3,
+                            denoise_range=(0.15, 0.9), images=images, images_per_prompt=True,
+                            state_conditioning=[model.class_embeddings[c:c + 1] for c in range(k)],
+                            state_negative=model.class_embeddings[NULL_CLASS:], relative_error=model.relative_error)
+    rng = random.Random(1_000_003 * seed + 7_919 * (1 + SPLITS.index(split)) + 17)
+    source.contexts = [source.draw(rng) for _ in range(n)]
+    env = DenoiserEnvironment(model, source, DormandPrince(LEARNED_RTOL))
+    env.contexts = source.contexts
+    return env
+
+
+def yardstick_pool(yardstick: str) -> list[Expert]:
+    """The experts swept on a yardstick: the bench pool on the analytic model, the default pool
+    on the learned one (its references cost ~1,100 calls each, so sweeps are kept small)."""
+    return bench_pool() if yardstick == "analytic" else default_pool()
+
+
+def yardstick_env(yardstick: str, split: str, seed: int, n: int, conditions: str = "varied"):
+    if yardstick == "analytic":
+        return make_env(split, seed, n, conditions)
+    if yardstick == "learned":
+        return learned_env(split, seed, n)
+    raise ValueError(f"yardstick must be 'analytic' or 'learned', got {yardstick!r}")
+
+
+_ENVS: dict = {}
+def _sweep_one(job: tuple) -> list[tuple[str, list[tuple[float, int]]]]:
+    """One job: contexts ``[(index, seed offset), ...]`` of a split; returns (cache key,
+    [(quality, nfe) per expert]) per context."""
+    yardstick, split, seed, n, conditions, items = job
     torch.set_num_threads(1)
-    env, pool = make_env(split, seed, n, conditions), bench_pool()
-    rows = []
-    for i, offset in items:
-        ctx = dataclasses.replace(env.contexts[i], seed=env.contexts[i].seed + SEED_STRIDE * offset)
-        rows.append([(o.quality, o.nfe) for o in env.evaluate(ctx, pool)])
+    key = (yardstick, split, seed, n, conditions)
+    if key not in _ENVS:
+        _ENVS.clear()  # one environment per process at a time (its reference cache)
+        _ENVS[key] = (yardstick_env(yardstick, split, seed, n, conditions), yardstick_pool(yardstick))
+    env, pool = _ENVS[key]
+    contexts = [dataclasses.replace(env.contexts[i], seed=env.contexts[i].seed + SEED_STRIDE * o) for i, o in items]
+    return [(cache_key(yardstick, split, seed, conditions, i, o), [(r.quality, r.nfe) for r in env.evaluate(c, pool)])
+            for (i, o), c in zip(items, contexts)]
+
+
+def cache_key(yardstick: str, split: str, seed: int, conditions: str, i: int, offset: int) -> str:
+    """The key of one context's sweep row in the cache (contexts are prefix-stable in ``n``)."""
+    cond = conditions if yardstick == "analytic" else "-"
+    return f"{yardstick}|{split}|{seed}|{cond}|{i}|{offset}"
+
+
+def load_cache(path: Path | None) -> dict[str, list]:
+    """Sweep rows already measured (a JSON line per context); a torn last line is ignored."""
+    rows: dict[str, list] = {}
+    if path is None or not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            key, row = json.loads(line)
+        except ValueError:
+            continue
+        rows[key] = row
     return rows
 
 
-def sweep(split: str, seed: int, n: int, conditions: str, items: list[tuple[int, int]], workers: int) -> Table:
-    """Every bench-pool expert on contexts ``(index, seed offset)`` of the split, over ``workers`` processes."""
-    jobs = [(split, seed, n, conditions, items[w::workers]) for w in range(workers)]
-    if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers) as processes:
-            parts = processes.map(_sweep_chunk, jobs)
-    else:
-        parts = [_sweep_chunk(jobs[0])]
-    rows = [None] * len(items)
-    for w, part in enumerate(parts):
-        rows[w::workers] = part
-    names = tuple(e.name for e in bench_pool())
+def sweep(split: str, seed: int, n: int, conditions: str, items: list[tuple[int, int]], workers: int,
+          yardstick: str = "analytic", cache: Path | None = None) -> Table:
+    """Every pool expert of the yardstick on contexts ``(index, seed offset)`` of the split, over
+    ``workers`` processes; rows found in ``cache`` are not run again, new ones are appended to it."""
+    done = load_cache(cache)
+    keys = [cache_key(yardstick, split, seed, conditions, i, o) for i, o in items]
+    todo = [item for item, k in zip(items, keys) if k not in done]
+    jobs = [(yardstick, split, seed, n, conditions, [item]) for item in todo]
+    if jobs:
+        out = open(cache, "a") if cache is not None else None
+        if out is not None and cache.stat().st_size and not cache.read_bytes().endswith(b"\n"):
+            out.write("\n")  # a torn last line (an interrupted run) stays on its own line
+
+        def keep(results):
+            for key, row in results:
+                done[key] = row
+                if out is not None:
+                    out.write(json.dumps([key, row]) + "\n")
+                    out.flush()
+
+        try:
+            if workers > 1:
+                with multiprocessing.get_context("fork").Pool(workers) as processes:
+                    for results in processes.imap_unordered(_sweep_one, jobs):
+                        keep(results)
+            else:
+                for job in jobs:
+                    keep(_sweep_one(job))
+        finally:
+            if out is not None:
+                out.close()
+    rows = [done[k] for k in keys]
+    names = tuple(e.name for e in yardstick_pool(yardstick))
     return Table(names, np.array([[q for q, _ in r] for r in rows]), np.array([[k for _, k in r] for r in rows]))
 
 
@@ -309,46 +420,256 @@ def train_bandit(train_env, train_table, pool, seed, schedule, heldout_env, held
     return router
 
 
+SIZES = {  # (training, held-out, ceiling contexts, ceiling seeds) per yardstick; quick / full
+    "analytic": {"quick": (100, 40, 15, 2), "full": (300, 120, 30, 2)},
+    "learned": {"quick": (12, 10, 4, 2), "full": (30, 20, 4, 2)},
+}
+
+
+@dataclasses.dataclass
+class Sweeps:
+    """A yardstick's outcome tables and the environments whose contexts they are."""
+
+    yardstick: str
+    train: Table
+    heldout: Table
+    ceiling: Table
+    n_seeds: int
+    train_env: object
+    heldout_env: object
+
+
+def sweep_yardstick(yardstick: str, sizes: tuple[int, int, int, int], seed: int, conditions: str, workers: int,
+                    cache: Path | None) -> Sweeps:
+    """Held-out contexts first, then training contexts in order, then the ceiling's extra seeds."""
+    n_train, n_heldout, n_ceiling, n_seeds = sizes
+    start = time.perf_counter()
+    print(f"{yardstick}: sweeping {n_heldout} held-out + {n_train} training + {n_ceiling * n_seeds} extra-seed "
+          f"contexts x {len(yardstick_pool(yardstick))} experts on {workers} workers...", file=sys.stderr, flush=True)
+    heldout = sweep("heldout", seed, n_heldout, conditions, [(i, 0) for i in range(n_heldout)], workers, yardstick,
+                    cache)
+    train = sweep("train", seed, n_train, conditions, [(i, 0) for i in range(n_train)], workers, yardstick, cache)
+    ceiling = sweep("heldout", seed, n_heldout, conditions,
+                    [(i, s) for s in range(1, n_seeds + 1) for i in range(n_ceiling)], workers, yardstick, cache)
+    print(f"{yardstick}: sweeps done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return Sweeps(yardstick, train, heldout, ceiling, n_seeds, yardstick_env(yardstick, "train", seed, n_train, conditions),
+                  yardstick_env(yardstick, "heldout", seed, n_heldout, conditions))
+
+
+# ----------------------------------------------------------------------------- both yardsticks, side by side
+
+CURVE = (10, 30, 100)  # training contexts of the item-6 curve ("never worse than the best fixed expert")
+GROUPS = {"text-to-image": lambda c: c.denoise >= 1, "img2img": lambda c: c.denoise < 1}
+
+
+def router_policy(router: Router, env, pool):
+    """``priority -> greedy picks [n]`` of a router on the environment's contexts."""
+    pred = predictions(router, env, pool)
+    return lambda p: picks(pred, p)
+
+
+def sweep_rows(env, table: Table, rows: int, seed: int) -> list:
+    """Full-sweep rows of the first ``rows`` contexts as the online learner logs them: one
+    ``LoggedRow`` per expert, propensity 1, ``quality_source="sweep"``, each context at a priority
+    drawn uniformly (as the trainer does), keyed so that a context's rows share a held-out side."""
+    from moe_sampler.router.online import LoggedRow
+    from moe_sampler.router.policy import cost_from_nfe
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(rows):
+        priority = rng.random()
+        state = tuple(float(v) for v in env.state(env.contexts[i], priority))
+        for k, name in enumerate(table.names):
+            out.append(LoggedRow(state, name, float(table.quality[i, k]), float(cost_from_nfe(int(table.nfe[i, k]))),
+                                 1.0, priority, "sweep", f"ctx{i}|{seed}|{name}|{priority!r}|0"))
+    return out
+
+
+def guarded_policy(env, table: Table, rows: int, pool, seed: int, model: str, heldout_env):
+    """The product's protection (``router.online``): one online update of the untrained router from
+    the sweep rows of the first ``rows`` training contexts; the adopted candidate's guarded policy
+    (greedy, no exploration), or the untrained router's (the prior's fixed expert) when the update
+    is not adopted. Returns ``(priority -> picks [n] on the held-out contexts, UpdateResult)``."""
+    from moe_sampler.router.online import GuardedPolicy, update
+
+    result = update(Router.default(), sweep_rows(env, table, rows, seed), pool, model=model, seed=seed)
+    policy = GuardedPolicy.for_router(result.candidate if result.adopted else Router.default(), epsilon=0.0)
+    contexts = heldout_env.contexts
+
+    def choose(p: float) -> np.ndarray:
+        states = torch.stack([heldout_env.state(c, p) for c in contexts])
+        return policy.greedy_batch(states, pool, [p] * len(contexts))[0].numpy()
+
+    return choose, result
+
+
+def train_router(env, table: Table, pool, seed: int, rows: int) -> Router:
+    """Full-sweep training on the first ``rows`` contexts (``SWEEP_EPOCHS * rows`` episodes)."""
+    router = Router(name="bench-sweep")
+    MoERLTrainer(TableEnvironment(env, table, rows=rows), router, pool, mode="sweep", seed=seed).train(
+        SWEEP_EPOCHS * rows)
+    return router
+
+
+def gap_cell(u: np.ndarray, chosen: np.ndarray, rng: np.random.Generator) -> str:
+    point, lo, hi = closed_gap(u, chosen, rng)
+    if math.isnan(point):
+        return f"{'n/a':>19}"
+    if math.isnan(lo):
+        return f"{point:6.2f} [  n/a,   n/a]"
+    return f"{point:6.2f} [{lo:5.2f}, {hi:5.2f}]"
+
+
+def report_policies(label: str, table: Table, env, policies: dict, seed: int, rows=None) -> dict:
+    """Closed gap [95% CI] of each policy at every priority on the held-out contexts (``rows``: a
+    subset); returns {policy: {priority: (point, lo, hi)}}."""
+    rows = np.arange(len(table.quality)) if rows is None else np.asarray(rows)
+    rng = np.random.default_rng(seed)
+    print(f"\n== Closed gap [95% CI] by priority, {label}: {len(rows)} held-out contexts ==")
+    print(f"{'policy':<34}" + "".join(f"{f'p = {p:g}':>21}" for p in PRIORITIES))
+    sub = Table(table.names, table.quality[rows], table.nfe[rows])
+    line = f"{'SBS expert / oracle gap (utility)':<34}"
+    for p in PRIORITIES:
+        u = sub.utility(p)
+        line += f"{sub.names[int(u.mean(0).argmax())][:13]:>14} {u.max(1).mean() - u.mean(0).max():6.3f}"
+    print(line)
+    out = {}
+    for name, choose in policies.items():
+        cells, out[name] = [], {}
+        for p in PRIORITIES:
+            chosen = np.asarray(choose(p))[rows]
+            out[name][p] = closed_gap(sub.utility(p), chosen, rng)
+            cells.append(f"{gap_cell(sub.utility(p), chosen, rng):>21}")
+        print(f"{name:<34}" + "".join(cells))
+    return out
+
+
+def report_calls_saved(table: Table, policies: dict) -> None:
+    """Model calls saved at equal mean quality against each fixed expert, for each policy (and the
+    per-context oracle): the cheapest priority whose mean quality reaches the expert's."""
+    curves = {name: operating_curve(table, choose) for name, choose in policies.items()}
+    curves["oracle"] = operating_curve(table, lambda p: table.utility(p).argmax(1))
+    print("model calls saved at equal mean quality against each fixed expert ('-': never reached):")
+    print(f"  {'expert':<20} {'quality':>7} {'NFE':>6} " + " ".join(f"{n[:16]:>16}" for n in curves))
+    for k, name in enumerate(table.names):
+        q, nfe = table.quality[:, k].mean(), table.nfe[:, k].mean()
+        cells = []
+        for curve in curves.values():
+            v = saving(curve, q, nfe)
+            cells.append(f"{'-' if math.isnan(v) else f'{v:+.0%}':>16}")
+        print(f"  {name:<20} {q:7.3f} {nfe:6.1f} " + " ".join(cells))
+
+
+def side_by_side(sweeps: dict[str, Sweeps], seed: int, curve: tuple[int, ...]) -> dict:
+    """Items 5 and 6 of issue 8 on each yardstick's default pool: oracle gap and noise-blind
+    ceiling; closed gap at every priority of the untrained router, routers trained by full sweep
+    on 10/30/100 and all training contexts of that yardstick, the router trained on the other
+    yardstick, and the guarded policy of ``router.online`` updated from the same sweep rows; by
+    text-to-image / img2img; model calls saved at equal mean quality."""
+    pool = default_pool()
+    names = [e.name for e in pool]
+    full = {}
+    for y, sw in sweeps.items():
+        full[y] = train_router(sw.train_env, sw.train.columns(names), pool, seed, len(sw.train.quality))
+    results = {}
+    for y, sw in sweeps.items():
+        table, ceiling = sw.heldout.columns(names), sw.ceiling.columns(names)
+        tr, n_train = sw.train.columns(names), len(sw.train.quality)
+        start = time.perf_counter()
+        print(f"\n\n######## {y} yardstick, default pool ({n_train} training, {len(table.quality)} held-out contexts)")
+        report_oracle(f"{y}, default pool", table, ceiling, sw.n_seeds)
+        policies = {"untrained (Router.default())": router_policy(Router.default(), sw.heldout_env, pool)}
+        updates = {}
+        for n in curve:
+            if n < n_train:
+                policies[f"sweep-trained, {n} contexts"] = router_policy(train_router(sw.train_env, tr, pool, seed, n),
+                                                                        sw.heldout_env, pool)
+        policies[f"sweep-trained, {n_train} contexts"] = router_policy(full[y], sw.heldout_env, pool)
+        for other, router in full.items():
+            if other != y:
+                policies[f"trained on {other} ({len(sweeps[other].train.quality)})"] = router_policy(
+                    router, sw.heldout_env, pool)
+        for n in sorted({*(c for c in curve if c < n_train), n_train}):
+            choose, updates[n] = guarded_policy(sw.train_env, tr, n, pool, seed, y, sw.heldout_env)
+            policies[f"guarded, {n} contexts"] = choose
+        cache = {name: {p: np.asarray(choose(p)) for p in PRIORITIES} for name, choose in policies.items()}
+        fixed = {name: c.__getitem__ for name, c in cache.items()}
+        results[y] = {"all": report_policies(f"{y}, all", table, sw.heldout_env, fixed, seed)}
+        for group, keep in GROUPS.items():
+            rows = [i for i, c in enumerate(sw.heldout_env.contexts) if keep(c)]
+            if len(rows) >= 5:
+                results[y][group] = report_policies(f"{y}, {group}", table, sw.heldout_env, fixed, seed, rows)
+        for n, result in updates.items():
+            print(f"guarded, {n} contexts: update {result.summary()}")
+        report_calls_saved(table, {k: v for k, v in policies.items() if not k.startswith("guarded")})
+        print(f"({y} report {time.perf_counter() - start:.0f} s)")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a fast check")
     parser.add_argument("--workers", type=int, default=2, help="processes for the expert sweeps (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--conditions", choices=sorted(CONDITIONS), default="varied",
-                        help="context distribution (router.environment.VARIED_CONDITIONS / STANDARD_CONDITIONS)")
+                        help="analytic context distribution (router.environment.VARIED_CONDITIONS / STANDARD_CONDITIONS)")
+    parser.add_argument("--yardsticks", default="analytic,learned",
+                        help="comma-separated: analytic (the Gaussian-mixture model), learned (the shipped digits UNet)")
+    parser.add_argument("--analytic-sizes", default=None, metavar="T,H,C,S",
+                        help="analytic training, held-out, ceiling contexts and ceiling seeds (full: 300,120,30,2)")
+    parser.add_argument("--learned-sizes", default=None, metavar="T,H,C,S",
+                        help="the same for the learned model (full: 30,20,4,2)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="JSON-lines file of sweep rows: read, and new rows appended (a rerun reuses them)")
+    parser.add_argument("--no-analytic-curves", action="store_true",
+                        help="skip the analytic model's learning curves, bandit training and bench-pool router report")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    n_train, n_heldout, n_ceiling, n_seeds = (100, 40, 15, 2) if args.quick else (1200, 120, 40, 3)
-    sizes = (0, 30, 100) if args.quick else (0, 30, 100, 300, 1200)  # training contexts, sweep mode
-    bandits = (0, 300, 1000) if args.quick else (0, 300, 1000, 3000, 6000)
+    yardsticks = [y.strip() for y in args.yardsticks.split(",") if y.strip()]
+    for y in yardsticks:
+        if y not in SIZES:
+            parser.error(f"--yardsticks: unknown yardstick {y!r} (analytic, learned)")
     start = time.perf_counter()
-    print(f"{args.conditions} conditions: {CONDITIONS[args.conditions]}")
-    print(f"sweeping {n_train} training + {n_heldout} held-out + {n_ceiling * n_seeds} extra-seed contexts x "
-          f"{len(bench_pool())} experts on {args.workers} workers...", file=sys.stderr)
-    cond = args.conditions
-    train_table = sweep("train", args.seed, n_train, cond, [(i, 0) for i in range(n_train)], args.workers)
-    heldout_table = sweep("heldout", args.seed, n_heldout, cond, [(i, 0) for i in range(n_heldout)], args.workers)
-    ceiling_table = sweep("heldout", args.seed, n_heldout, cond,
-                          [(i, s) for s in range(1, n_seeds + 1) for i in range(n_ceiling)], args.workers)
-    train_env, heldout_env = (make_env(s, args.seed, n, cond) for s, n in (("train", n_train), ("heldout", n_heldout)))
-    print(f"sweeps done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    pools = {"default pool": default_pool(), "bench pool (default + 5 'bench:' variants)": bench_pool()}
-    for label, pool in pools.items():
-        names = [e.name for e in pool]
-        report_oracle(label, heldout_table.columns(names), ceiling_table.columns(names), n_seeds)
-    for label, pool in pools.items():
-        names = [e.name for e in pool]
-        tr, ho = train_table.columns(names), heldout_table.columns(names)
-        router = train_sweep(train_env, tr, pool, args.seed, sizes, heldout_env, ho, label)
-        train_bandit(train_env, tr, pool, args.seed, bandits, heldout_env, ho, label)
-        report_router(f"{label}, router trained by full sweep on {sizes[-1]} contexts ({SWEEP_EPOCHS * sizes[-1]} "
-                      f"episodes)", ho,
-                      predictions(router, heldout_env, pool), heldout_env, ceiling_table.columns(names), n_seeds,
-                      args.seed)
-    state = heldout_env.state(heldout_env.contexts[0], MIDDLE)
-    times = sorted(router.select(state, pool, priority=MIDDLE).decision_seconds for _ in range(201))
-    print(f"\ndecision time, {len(pool)} experts, 1 CPU thread: median {1e3 * times[100]:.3f} ms, "
-          f"95th percentile {1e3 * times[190]:.3f} ms")
+    sweeps = {}
+    for y in yardsticks:
+        sizes = SIZES[y]["quick" if args.quick else "full"]
+        override = args.analytic_sizes if y == "analytic" else args.learned_sizes
+        if override:
+            try:
+                sizes = tuple(int(v) for v in override.split(","))
+                assert len(sizes) == 4 and sizes[0] >= 1 and sizes[1] >= 2 and sizes[2] >= 1 and sizes[3] >= 1
+            except (ValueError, AssertionError):
+                parser.error(f"--{y}-sizes: four integers T,H,C,S (T >= 1, H >= 2, C, S >= 1), got {override!r}")
+        sweeps[y] = sweep_yardstick(y, sizes, args.seed, args.conditions, args.workers, args.cache)
+    print(f"analytic conditions: {args.conditions} {CONDITIONS[args.conditions]}")
+    if "learned" in sweeps:
+        print(f"learned conditions: classes 0-9, 30% img2img (denoise 0.15-0.9), training cfgs "
+              f"{LEARNED_SPLITS['train']['cfgs']} and digits 0-13 of each class, held-out cfgs "
+              f"{LEARNED_SPLITS['heldout']['cfgs']} and digits 14-19; Dormand-Prince rtol {LEARNED_RTOL:g} reference")
+    print(f"sweeps done at {time.perf_counter() - start:.0f} s")
+    side_by_side(sweeps, args.seed, CURVE)
+    if "analytic" in sweeps and not args.no_analytic_curves:
+        sw = sweeps["analytic"]
+        n_train = len(sw.train.quality)
+        sizes = tuple(n for n in ((0, 30, 100) if args.quick else (0, 30, 100, 300)) if n < n_train) + (n_train,)
+        bandits = (0, 300, 1000) if args.quick else (0, 300, 1000, 3000)
+        pools = {"default pool": default_pool(), "bench pool (default + 5 'bench:' variants)": bench_pool()}
+        for label, pool in pools.items():
+            names = [e.name for e in pool]
+            report_oracle(f"analytic, {label}", sw.heldout.columns(names), sw.ceiling.columns(names), sw.n_seeds)
+        for label, pool in pools.items():
+            names = [e.name for e in pool]
+            tr, ho = sw.train.columns(names), sw.heldout.columns(names)
+            router = train_sweep(sw.train_env, tr, pool, args.seed, sizes, sw.heldout_env, ho, f"analytic, {label}")
+            train_bandit(sw.train_env, tr, pool, args.seed, bandits, sw.heldout_env, ho, f"analytic, {label}")
+            report_router(f"analytic, {label}, router trained by full sweep on {n_train} contexts "
+                          f"({SWEEP_EPOCHS * n_train} episodes)", ho, predictions(router, sw.heldout_env, pool),
+                          sw.heldout_env, sw.ceiling.columns(names), sw.n_seeds, args.seed)
+        state = sw.heldout_env.state(sw.heldout_env.contexts[0], MIDDLE)
+        times = sorted(router.select(state, pool, priority=MIDDLE).decision_seconds for _ in range(201))
+        print(f"\ndecision time, {len(pool)} experts, 1 CPU thread: median {1e3 * times[100]:.3f} ms, "
+              f"95th percentile {1e3 * times[190]:.3f} ms")
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0
 
