@@ -129,7 +129,8 @@ class PostgresRegistry:
         self._mirror_lock = threading.Lock()
         self._mirrored: dict[str, int] = {}  # name -> version copied into the cache (this process)
         self._follow_conn: Any = None
-        self._follow_lock = threading.Lock()
+        self._follow_lock = threading.Lock()  # the follower's connection
+        self._thread_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -146,7 +147,9 @@ class PostgresRegistry:
     def _connect(self) -> Any:
         psycopg = _psycopg()
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+            # TCP keepalives: a server machine that vanishes is noticed in about 25 s, not hours
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, keepalives=1,
+                                   keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
         except psycopg.Error as exc:
             raise RegistryUnavailable(self._describe(exc)) from None
         try:
@@ -350,7 +353,7 @@ class PostgresRegistry:
     def follow(self) -> "PostgresRegistry":
         """Start (once) the daemon thread that calls :meth:`sync` every ``poll`` seconds; returns self.
         Never blocks: the first check runs in the thread."""
-        with self._follow_lock:
+        with self._thread_lock:  # not _follow_lock: a check hanging on the network must not block a sampler here
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._follow_loop, name="moe-router-follower", daemon=True)

@@ -379,3 +379,38 @@ def test_an_update_that_loses_the_race_says_so_and_stores_nothing(db, tmp_path):
             assert again.version is None and b.latest(name).version == 1
     finally:
         store.close()
+
+
+def test_the_sampling_path_never_waits_for_a_hanging_check(db, tmp_path):
+    """The sampler calls shared_registry(...) (which starts the follower) on every run: it must not
+    wait while the follower's check hangs on the network (here: holds the follower's lock)."""
+    url, schema = db
+    registry = shared_registry(url, tmp_path / "routers", schema=schema)
+    try:
+        wait_until(lambda: registry.checks >= 1)
+        held, release = threading.Event(), threading.Event()
+
+        def hanging_check() -> None:  # a check in progress that does not come back
+            with registry._follow_lock:
+                held.set()
+                release.wait(60)
+
+        def sampling_runs() -> None:
+            for _ in range(100):
+                assert shared_registry(url, tmp_path / "routers", schema=schema) is registry
+                registry.followed_path(NAME).is_file()
+
+        holder = threading.Thread(target=hanging_check, daemon=True)
+        holder.start()
+        assert held.wait(SLOW)
+        sampler = threading.Thread(target=sampling_runs, daemon=True)
+        start = time.monotonic()
+        sampler.start()
+        sampler.join(10.0)
+        blocked = sampler.is_alive()
+        release.set()
+        assert not blocked, "the sampling path waited for the follower's check"
+        assert time.monotonic() - start < 10.0
+    finally:
+        registry.close()
+        sys.modules["moe_sampler.router.pg_registry"]._shared.clear()
