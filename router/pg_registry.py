@@ -128,6 +128,7 @@ class PostgresRegistry:
         self._setup_lock = threading.Lock()
         self._mirror_lock = threading.Lock()
         self._mirrored: dict[str, int] = {}  # name -> version copied into the cache (this process)
+        self._bad: dict[str, int] = {}  # name -> a version whose bytes failed their checksum (warned once)
         self._follow_conn: Any = None
         self._follow_lock = threading.Lock()  # the follower's connection
         self._thread_lock = threading.Lock()
@@ -333,11 +334,19 @@ class PostgresRegistry:
                     if self._cached_number(name) == version:
                         self._mirrored[name] = version
                         continue
-                    row = conn.execute(f"SELECT data FROM {self.schema}.router_versions WHERE name = %s AND "
-                                       "version = %s", (name, version)).fetchone()
-                    if row is not None:
-                        self._mirror(name, int(version), bytes(row[0]))
-                        copied.append((name, int(version)))
+                    row = conn.execute(f"SELECT data, sha256 FROM {self.schema}.router_versions WHERE name = %s "
+                                       "AND version = %s", (name, version)).fetchone()
+                    if row is None:
+                        continue
+                    data = bytes(row[0])
+                    if hashlib.sha256(data).hexdigest() != row[1]:
+                        if self._bad.get(name) != version:
+                            logger.warning("MoE router %s v%d in the database does not match its checksum; "
+                                           "keeping the local copy", name, version)
+                            self._bad[name] = version
+                        continue
+                    self._mirror(name, int(version), data)
+                    copied.append((name, int(version)))
             except (psycopg.Error, RegistryUnavailable) as exc:
                 if self._follow_conn is not None:
                     try:

@@ -414,3 +414,20 @@ def test_the_sampling_path_never_waits_for_a_hanging_check(db, tmp_path):
     finally:
         registry.close()
         sys.modules["moe_sampler.router.pg_registry"]._shared.clear()
+
+
+def test_a_version_whose_bytes_do_not_match_their_checksum_is_not_copied(db, tmp_path, caplog):
+    import psycopg
+
+    url, schema = db
+    a = PostgresRegistry(url, tmp_path / "a", schema=schema)
+    a.publish(NAME, make_router(1))
+    b = PostgresRegistry(url, tmp_path / "b", schema=schema)
+    assert b.sync() == [(NAME, 1)]
+    a.publish(NAME, a.load(NAME))
+    with psycopg.connect(url, autocommit=True) as conn:  # damaged in the database (or written half by hand)
+        conn.execute(f"UPDATE {schema}.router_versions SET data = substring(data from 1 for 100) WHERE version = 2")
+    with caplog.at_level(logging.WARNING):
+        assert b.sync() == [] and b.sync() == []
+    assert caplog.text.count("does not match its checksum") == 1
+    assert Router.load(b.followed_path(NAME)).training["version"] == 1  # the sampler keeps the last good one
