@@ -20,6 +20,7 @@ written.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import ensure_moe_sampler  # noqa: E402  (this checkout as ``moe_sampler``, as the tests load it)
@@ -38,6 +40,7 @@ ensure_moe_sampler()
 
 from moe_sampler.experts import Expert, default_pool  # noqa: E402
 from moe_sampler.experts.analytic import quality_from_error  # noqa: E402
+from moe_sampler.experts.observer import FidelityEstimator, error_estimate  # noqa: E402
 from moe_sampler.router.calibration import FEATURES, Calibration, calibration_inputs  # noqa: E402
 from moe_sampler.router.environment import AnalyticEnvironment  # noqa: E402
 
@@ -62,6 +65,83 @@ def collect(split: str, seed: int, n: int, experts: Sequence[Expert]) -> list[tu
             if inputs is not None and math.isfinite(error):
                 rows.append((expert.name, inputs, error))
     return rows
+
+
+LEARNED_GUIDANCE = (1.0, 3.0, 6.0, 10.0)
+LEARNED_DENOISE = (1.0,)  # img2img needs one batched reference per expert (each starts lower): too slow on a CPU
+
+
+def _replayed_report(events: list[tuple], out: Tensor, b: int, order: float, nfe: int) -> dict:
+    """The report sample ``b`` of a batched fixed-grid run would have had alone (the same steps:
+    fixed-grid experts treat samples independently; the estimator only reads the callbacks)."""
+    estimator = FidelityEstimator(order)
+    for x, sigma, denoised in events:
+        estimator.observe(x[b:b + 1], sigma, denoised[b:b + 1])
+    features = estimator.features(out[b:b + 1])
+    return {"error_estimate": error_estimate(features) if estimator.steps else None,
+            "estimate_features": features, "nfe": nfe}
+
+
+def collect_learned(split: str, seed: int, per_group: int, experts: Sequence[Expert]) -> list[tuple[str, dict, float]]:
+    """The same triples on the learned yardstick (:mod:`moe_sampler.experts.learned`, 16x16 digits).
+
+    Contexts: ``per_group`` digits (random class, own noise) for each guidance in
+    :data:`LEARNED_GUIDANCE` and denoise strength in :data:`LEARNED_DENOISE` (img2img from a real
+    digit); the reference (RK4, 100 steps) runs batched per group. Experts without a stop rule run
+    batched too (each sample's report replayed from the callbacks, identical to a batch-1 run);
+    EarlyStopper and NoiseAdaptive, whose steps depend on the batch, run one sample at a time.
+    """
+    from moe_sampler.experts.learned import load_learned_model
+
+    model = load_learned_model()
+    schedule = model.schedule()
+    rng = random.Random(f"bench.estimate/learned/{split}/{seed}")
+    rows = []
+    for cfg in LEARNED_GUIDANCE:
+        for denoise in LEARNED_DENOISE:
+            labels = torch.tensor([rng.randrange(model.num_classes) for _ in range(per_group)])
+            noise_seed = rng.randrange(1 << 31)
+            for expert in experts:
+                sigmas = expert.sigmas(schedule, denoise)
+                sigma_start = float(sigmas[0])
+                if denoise < 1.0:
+                    x = model.img2img_start(labels, sigma_start, noise_seed)[1]
+                else:
+                    x = model.initial_noise(per_group, noise_seed, sigma_start)
+                reference = _learned_reference(model, x, sigma_start, labels, cfg)
+                if expert.stop is None and expert.descriptor.stop_rule == "none":
+                    events: list[tuple] = []
+                    report: dict = {}
+                    out = expert(model, x.clone(), sigmas, extra_args={"cond": labels, "cfg": cfg}, disable=True,
+                                 report=report, callback=lambda i: events.append(
+                                     (i["x"], float(i["sigma_hat"]), i["denoised"])))
+                    reports = [_replayed_report(events, out, b, expert.descriptor.order, report["nfe"])
+                               for b in range(per_group)]
+                else:
+                    outs, reports = [], []
+                    for b in range(per_group):
+                        report = {}
+                        outs.append(expert(model, x[b:b + 1].clone(), sigmas,
+                                           extra_args={"cond": labels[b:b + 1], "cfg": cfg}, disable=True,
+                                           report=report))
+                        reports.append(report)
+                    out = torch.cat(outs)
+                errors = model.relative_error(out, reference)
+                for report, error in zip(reports, errors.tolist()):
+                    inputs = calibration_inputs(report, cfg=cfg)
+                    if inputs is not None and math.isfinite(error):
+                        rows.append((expert.name, inputs, error))
+    return rows
+
+
+_REFERENCES: dict = {}
+
+
+def _learned_reference(model, x: Tensor, sigma_start: float, labels: Tensor, cfg: float) -> Tensor:
+    key = (x.numpy().tobytes(), sigma_start, tuple(labels.tolist()), cfg)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = model.reference(x, sigma_start, cond=labels, cfg=cfg)
+    return _REFERENCES[key]
 
 
 def _ranks(values: Sequence[float]) -> list[float]:
@@ -127,26 +207,52 @@ def table(title: str, results: dict[str, dict[str, float]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=400, help="training contexts (default 400)")
-    parser.add_argument("--heldout", type=int, default=300, help="held-out contexts (default 300)")
+    parser.add_argument("--yardstick", choices=("analytic", "learned", "both"), default="analytic")
+    parser.add_argument("--train", type=int, default=400, help="analytic training contexts (default 400)")
+    parser.add_argument("--heldout", type=int, default=300, help="analytic held-out contexts (default 300)")
+    parser.add_argument("--learned-train", type=int, default=20,
+                        help="learned yardstick: training digits per (guidance, denoise) group (default 20)")
+    parser.add_argument("--learned-heldout", type=int, default=15,
+                        help="learned yardstick: held-out digits per group (default 15)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="80 training and 60 held-out contexts")
+    parser.add_argument("--save-pairs", type=Path, default=None, help="write the (expert, inputs, error) triples as JSON")
+    parser.add_argument("--quick", action="store_true", help="80 training and 60 held-out contexts (learned: 4 and 3 per group)")
     args = parser.parse_args(argv)
     n_train, n_heldout = (80, 60) if args.quick else (args.train, args.heldout)
+    l_train, l_heldout = (4, 3) if args.quick else (args.learned_train, args.learned_heldout)
     program = "python -m bench.estimate"
     print("$ " + " ".join([program, *(sys.argv[1:] if argv is None else argv)]))
     print(f"python {platform.python_version()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     experts = default_pool()
-    start = time.perf_counter()
-    train = collect("train", args.seed, n_train, experts)
-    heldout = collect("heldout", args.seed, n_heldout, experts)
-    print(f"analytic yardstick, varied conditions: {n_train} training and {n_heldout} held-out contexts x "
-          f"{len(experts)} experts ({time.perf_counter() - start:.0f} s)")
+    saved: dict = {}
+    if args.yardstick in ("analytic", "both"):
+        start = time.perf_counter()
+        train = collect("train", args.seed, n_train, experts)
+        heldout = collect("heldout", args.seed, n_heldout, experts)
+        print(f"\n# Analytic yardstick, varied conditions: {n_train} training and {n_heldout} held-out contexts x "
+              f"{len(experts)} experts ({time.perf_counter() - start:.0f} s)")
+        report_tables(train, heldout)
+        saved["analytic"] = {"train": train, "heldout": heldout}
+    if args.yardstick in ("learned", "both"):
+        start = time.perf_counter()
+        train = collect_learned("train", args.seed, l_train, experts)
+        heldout = collect_learned("heldout", args.seed, l_heldout, experts)
+        groups = len(LEARNED_GUIDANCE) * len(LEARNED_DENOISE)
+        print(f"\n# Learned yardstick (16x16 digits), guidance {list(LEARNED_GUIDANCE)} x denoise "
+              f"{list(LEARNED_DENOISE)}: {l_train * groups} training and {l_heldout * groups} held-out contexts x "
+              f"{len(experts)} experts ({time.perf_counter() - start:.0f} s)")
+        report_tables(train, heldout)
+        saved["learned"] = {"train": train, "heldout": heldout}
+    if args.save_pairs is not None:
+        args.save_pairs.write_text(json.dumps(saved))
+    return 0
+
+
+def report_tables(train: list, heldout: list) -> None:
     table("Calibrated estimate (all features: " + ", ".join(FEATURES) + ")", evaluate(train, heldout, tuple(FEATURES)))
     table("First look (first-order differences only, per-expert intercept and slope)",
           evaluate(train, heldout, FIRST_LOOK))
-    return 0
 
 
 if __name__ == "__main__":

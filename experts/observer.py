@@ -129,7 +129,8 @@ class FidelityEstimator:
       (the first look of issue 13; its local error is larger, O(h^2), and less noisy);
     - ``tail``: the change still to come after the last step, ``rms(D_N - D_{N-1}) sigma_N^2 /
       (sigma_{N-1}^2 - sigma_N^2)``;
-    - ``sigma_start``: the first noise level seen; ``scale``: the final sample's rms.
+    - ``sigma_start`` and ``sigma_end``: the first and last noise levels seen (an early stop ends
+      higher); ``scale``: the final sample's rms.
 
     Propagation, per latent element: along the exact flow of a Gaussian component of std ``s``,
     ``|x - D| / sigma^2`` is proportional to ``1 / sqrt(s^2 + sigma^2)``, so the ratio of its
@@ -142,6 +143,7 @@ class FidelityEstimator:
         self.third = order >= 2.5
         self.points: list[tuple[Tensor, float, Tensor]] = []  # the last two (x, sigma, denoised)
         self.sigma_start: float | None = None
+        self.sigma_end: float | None = None
         self.steps = 0
         # Per element: sum_k |e_k| g_k (weighted) and sum_k |e_k| (the cap), for both local errors.
         self.weighted: dict[str, Tensor] = {}
@@ -154,6 +156,7 @@ class FidelityEstimator:
         x, denoised = x.detach().float(), denoised.detach().float()
         if self.sigma_start is None:
             self.sigma_start = sigma
+        self.sigma_end = sigma
         if self.points and not (0 < sigma < self.points[-1][1]):
             self.points = []  # a restart or a level the formulas cannot use: start the history again
         if sigma > 0:
@@ -195,6 +198,7 @@ class FidelityEstimator:
                 features[name] = 0.0
         features["tail"] = float((self.tail / scale).mean()) if self.tail is not None else 0.0
         features["sigma_start"] = float(self.sigma_start or 0.0)
+        features["sigma_end"] = float(self.sigma_end or 0.0)
         features["scale"] = float(scale.mean())
         features["steps_seen"] = float(self.steps)
         return features

@@ -5,7 +5,7 @@ exact solution and its parts (:mod:`moe_sampler.experts.observer`). A :class:`Ca
 them to a predicted error with an uncertainty, one small linear model per expert in log space:
 
     log10(error) ~ b0 + b1 log10(estimate) + b2 log10(first_order) + b3 log10(tail)
-                   + b4 log(sigma_start) + b5 log(cfg) + b6 log(nfe) + b7 log(scale)
+                   + b4 log(sigma_start) + b5 log(sigma_end) + b6 log(cfg) + b7 log(nfe) + b8 log(scale)
 
 fitted by ridge least squares on pairs ``(inputs, true relative error)`` from sweeps and audits
 (the true error needs the reference solution). The uncertainty is the residual standard deviation
@@ -17,7 +17,8 @@ expert with too few pairs gets the intercept-and-slope model (fewer than
 Inputs (:func:`calibration_inputs` builds them from a run report): ``estimate`` (the raw
 ``error_estimate``), ``first_order`` and ``tail`` (its parts, see
 :class:`~moe_sampler.experts.observer.FidelityEstimator`), ``sigma_start`` (first noise level of
-the run: img2img starts lower), ``scale`` (the output's rms), ``nfe`` (model calls) and ``cfg``
+the run: img2img starts lower), ``sigma_end`` (the last: an early stop ends higher), ``scale``
+(the output's rms), ``nfe`` (model calls) and ``cfg``
 (guidance scale; 1 when unknown). Measured in docs/EXPERTS.md (``python -m bench.estimate``).
 """
 
@@ -52,6 +53,7 @@ FEATURES: Mapping[str, Callable[[Mapping[str, Any]], float]] = {
     "log10_first_order": lambda i: _log10(i.get("first_order") or 0.0),
     "log10_tail": lambda i: _log10(i.get("tail") or 0.0),
     "log_sigma_start": lambda i: _log(i.get("sigma_start"), 1.0),
+    "log_sigma_end": lambda i: _log(i.get("sigma_end"), 1.0),
     "log_cfg": lambda i: _log(i.get("cfg"), 1.0),
     "log_nfe": lambda i: _log(i.get("nfe"), 1.0),
     "log_scale": lambda i: _log(i.get("scale"), 1.0),
@@ -71,6 +73,7 @@ def calibration_inputs(report: Mapping[str, Any], cfg: float | None = None) -> d
         "first_order": float(features.get("first_order", 0.0)),
         "tail": float(features.get("tail", 0.0)),
         "sigma_start": float(features.get("sigma_start", 1.0)),
+        "sigma_end": float(features.get("sigma_end", 1.0)),
         "scale": float(features.get("scale", 1.0)),
         "nfe": float(report.get("nfe") or 1.0),
         "cfg": 1.0 if cfg is None else float(cfg),

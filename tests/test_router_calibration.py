@@ -75,10 +75,10 @@ def test_non_finite_pairs_are_skipped_and_unknown_features_refused():
 def test_inputs_from_a_run_report():
     report = {"error_estimate": 0.01, "nfe": 20, "estimate_features": {"local": 0.04, "first_order": 0.1,
                                                                        "tail": 1e-4, "sigma_start": 14.6,
-                                                                       "scale": 0.9}}
+                                                                       "sigma_end": 0.03, "scale": 0.9}}
     inputs = calibration_inputs(report, cfg=7.5)
-    assert inputs == {"estimate": 0.01, "first_order": 0.1, "tail": 1e-4, "sigma_start": 14.6, "scale": 0.9,
-                      "nfe": 20.0, "cfg": 7.5}
+    assert inputs == {"estimate": 0.01, "first_order": 0.1, "tail": 1e-4, "sigma_start": 14.6, "sigma_end": 0.03,
+                      "scale": 0.9, "nfe": 20.0, "cfg": 7.5}
     assert calibration_inputs({"error_estimate": None}) is None
     assert calibration_inputs({"error_estimate": math.nan}) is None
     fit = ExpertFit(("log10_estimate",), (0.0, 1.0), 0.1, 10)
