@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -34,19 +33,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import ensure_moe_sampler  # noqa: E402  (this checkout as ``moe_sampler``, as the tests load it)
 
-def _load_package() -> None:
-    """Import the pack as ``moe_sampler`` even when it is not pip-installed (as tests/conftest.py does)."""
-    if "moe_sampler" in sys.modules or importlib.util.find_spec("moe_sampler") is not None:
-        return
-    spec = importlib.util.spec_from_file_location("moe_sampler", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["moe_sampler"] = module
-    spec.loader.exec_module(module)
-
-
-_load_package()
+ensure_moe_sampler()
 
 from moe_sampler.experts import registered_experts  # noqa: E402
 from moe_sampler.experts.dpm_solver import sample_dpmpp_2m  # noqa: E402
