@@ -15,8 +15,13 @@ start at the same grid sigma share one reference):
   as a ratio to the best expert's error on that context (what "10x below the best expert"
   means), with the expert error also floored at 1e-3, where the quality score saturates.
 
-The ComfyUI training node's reference (DPM-Solver++(3M), Karras, 100 steps) is measured the same
-way on the same contexts, as an expert of the pool's family.
+The ComfyUI training node's references are measured the same way on the same text-to-image
+contexts: the one before (DPM-Solver++(3M), Karras, 100 steps; an expert of the pool's family)
+and the one now (``nodes.comfy_environment.reference_expert``: the Dormand-Prince sampler loop of
+``experts/reference.py`` that the bridge runs, at most 400 model calls), fed float32 latents as
+ComfyUI does. ``--node-reference`` measures only these; ``--discrete`` measures them on the
+analytic model seen through SD1.5's 1,000 rounded levels, as ComfyUI's discrete-time models see
+sigma.
 
 ``--learned``: the same on the shipped learned digits model (``experts/learned.py``) through the
 generic ``DenoiserEnvironment`` and ``PromptContexts`` (classes 0-9, cfg 1 to 7.5, 30% img2img
@@ -101,7 +106,8 @@ def reference_errors(env: AnalyticEnvironment, pool) -> list[float]:
     return errors
 
 
-def comfy_reference_errors(env: AnalyticEnvironment, pool, reference_expert) -> tuple[list[float], list[float]]:
+def comfy_reference_errors(env: AnalyticEnvironment, pool, reference_expert,
+                           calls: list | None = None) -> tuple[list[float], list[float]]:
     """Text-to-image contexts (what the ComfyUI node trains on): the best expert's error and the
     node's reference's error, both against a tight solve to the schedule's last sigma, where
     every expert (and that reference) ends with its final denoising step."""
@@ -118,8 +124,10 @@ def comfy_reference_errors(env: AnalyticEnvironment, pool, reference_expert) -> 
         for expert in (*pool, reference_expert):
             sigmas = expert.sigmas(schedule)
             assert float(sigmas[0]) == sigma  # text-to-image: every expert starts at sigma_max
-            out, _ = expert.run(model, x.clone(), sigmas, extra_args=args)
+            out, run = expert.run(model, x.clone(), sigmas, extra_args=args)
             errors.append(float(env.relative_error(context, out, exact).mean()))
+        if calls is not None:
+            calls.append(run.nfe)
         best.append(min(errors[:-1]))
         ref.append(errors[-1])
     return best, ref
@@ -199,16 +207,79 @@ def main_learned(n: int, seed: int) -> None:
                   flush=True)
 
 
+def rounded_levels(model):
+    """``model`` as ComfyUI's discrete-time models see sigma: ``ModelSamplingDiscrete`` rounds it
+    to the nearest trained level (in log sigma) for the network, which is fed ``x / sqrt(sigma^2 + 1)``
+    (an eps-model's input); the denoised output is ``x - sigma * eps`` at the true sigma."""
+    table = model.schedule().discrete_sigmas.double()
+    logs = table.log()
+
+    def denoiser(x, sigma, **kw):
+        level = table[(sigma.double().log()[None, :] - logs[:, None]).abs().argmin(0)].to(x.dtype)
+        shape = (-1, *[1] * (x.dim() - 1))
+        xq = x / (sigma.view(shape) ** 2 + 1).sqrt() * (level.view(shape) ** 2 + 1).sqrt()
+        eps = (xq - model(xq, level, **kw)) / level.view(shape)
+        return x - sigma.view(shape) * eps
+
+    return denoiser
+
+
+DISCRETE_PROBES = ((11, 5.0), (12, 1.0), (13, 9.0))  # (noise seed, cfg) on one analytic prompt
+
+
+def main_discrete() -> None:
+    """The node's reference on a discrete-time model (the analytic model with rounded levels)."""
+    from moe_sampler.experts.analytic import AnalyticModel, PromptSpec
+    from moe_sampler.experts.reference import reference_expert
+
+    model = AnalyticModel([PromptSpec(seed=3, n_modes=3, anisotropy=8.0)], shape=(4, 8, 8))
+    schedule, pool = model.schedule(), default_pool()
+    node = reference_expert(400, steps=100)
+    print("The node's reference (at most 400 calls) and the 3M reference on SD1.5's 1,000 rounded levels, against "
+          "a Dormand-Prince solve at rtol 1e-7 (uncapped) that resolves the jumps:")
+    for seed, cfg in DISCRETE_PROBES:
+        args = {"cond": 0, "cfg": cfg}
+        x = model.initial_noise(1, seed, schedule.sigma_max).double()
+        sigmas = node.sigmas(schedule)
+        for label, denoiser in (("continuous", model), ("rounded levels", rounded_levels(model))):
+            tight_notes: list = []
+            exact = reference_expert(100_000, rtol=1e-7, notes=tight_notes)(denoiser, x.clone(), sigmas, extra_args=args,
+                                                                             adaptive_share=1.0)
+            assert not tight_notes[-1]["capped"]
+            best = min(float(model.relative_error(e.run(denoiser, x.clone(), e.sigmas(schedule),
+                                                        extra_args={**args, "seed": seed})[0], exact)) for e in pool)
+            line = f"  seed {seed}, cfg {cfg:g}, {label}: best expert {best:.2e} (tight solve {tight_notes[-1]['calls']} calls)"
+            for name, expert, notes in (("3M 100 steps", comfy_reference_expert(), None),
+                                        ("node's reference", reference_expert(400, steps=100, notes=[]), True)):
+                out, run = expert.run(denoiser, x.clone(), expert.sigmas(schedule), extra_args={**args, "seed": seed})
+                error = float(model.relative_error(out, exact))
+                capped = " capped" if notes and expert.options["notes"][-1]["capped"] else ""
+                line += f"; {name}: {run.nfe} calls{capped}, {best / error:.1f}x below"
+            print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-accuracy", action="store_true", help="skip the tight reference solves")
     parser.add_argument("--learned", action="store_true", help="measure on the shipped learned model instead")
+    parser.add_argument("--node-reference", action="store_true",
+                        help="only the ComfyUI training node's references (before and now)")
+    parser.add_argument("--discrete", action="store_true",
+                        help="the node's reference on a discrete-time model (rounded levels, as SD1.5 in ComfyUI)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.discrete:
+        main_discrete()
+        return
     if args.learned:
         main_learned(args.contexts, args.seed)
+        return
+    if args.node_reference:
+        env = AnalyticEnvironment("heldout", seed=args.seed, n_models=40, pool_size=args.contexts,
+                                  conditions=VARIED_CONDITIONS)  # run_setting's contexts, nothing evaluated
+        node_references(env, default_pool())
         return
     pool = default_pool()
     lam = lambda_from_priority(0.5)
@@ -242,12 +313,27 @@ def main() -> None:
         print(f"  Dormand-Prince rtol {rtol:g}, grid {grid}: reference error median {np.median(ref):.2e}, "
               f"max {ref.max():.2e}; best expert error median {np.median(best):.2e}, min {best.min():.2e}")
         print(f"    {ratio_summary(best, ref)}")
-    env = envs[SETTINGS[0]][0]
-    best, comfy = (np.array(v) for v in comfy_reference_errors(env, pool, comfy_reference_expert()))
-    print(f"  ComfyUI node's reference (DPM-Solver++(3M), Karras, 100 steps; same family as QualityMaster), "
-          f"{len(best)} text-to-image contexts, both against a tight solve to sigma_min: reference error median "
-          f"{np.median(comfy):.2e}, max {comfy.max():.2e}; best expert median {np.median(best):.2e}")
-    print(f"    {ratio_summary(best, comfy)}")
+    node_references(envs[SETTINGS[0]][0], pool)
+
+
+def node_references(env: AnalyticEnvironment, pool) -> None:
+    """The ComfyUI training node's reference before (3M, 100 steps) and now (Dormand-Prince loop)."""
+    from moe_sampler.experts.reference import CALLS_PER_STEP, reference_expert
+
+    steps = 100  # the node's REFERENCE_STEPS (nodes/ imports ComfyUI); its reference_expert(100) is this one
+    notes: list = []
+    for label, expert in (("before: DPM-Solver++(3M), Karras, 100 steps; same family as QualityMaster",
+                           comfy_reference_expert()),
+                          (f"now: Dormand-Prince loop through the sampler signature, rtol 1e-5, at most "
+                           f"{CALLS_PER_STEP * steps} calls", reference_expert(CALLS_PER_STEP * steps, steps, notes=notes))):
+        calls: list = []
+        best, comfy = (np.array(v) for v in comfy_reference_errors(env, pool, expert, calls))
+        print(f"  ComfyUI node's reference ({label}), {len(best)} text-to-image contexts, both against a tight "
+              f"solve to sigma_min: reference error median {np.median(comfy):.2e}, max {comfy.max():.2e}; best "
+              f"expert median {np.median(best):.2e}; model calls median {np.median(calls):.0f}, max {max(calls)}")
+        print(f"    {ratio_summary(best, comfy)}")
+    if notes:
+        print(f"    capped references: {sum(n['capped'] for n in notes)} of {len(notes)}")
 
 
 if __name__ == "__main__":

@@ -244,23 +244,54 @@ _DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
 _DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
 
 
+class CallBudgetExhausted(RuntimeError):
+    """:func:`_dopri5` ran out of ``max_calls`` before ``t1``: ``x`` is the last accepted state,
+    at ``t``, after ``calls`` calls of ``f``."""
+
+    def __init__(self, x: Tensor, t: float, calls: int) -> None:
+        super().__init__(f"dopri5 stopped at t={t:.4g} after {calls} calls (its budget)")
+        self.x, self.t, self.calls = x, t, calls
+
+
 def _dopri5(f, x: Tensor, t0: float, t1: float, rtol: float, atol: float | None = None,
-            max_steps: int = 100_000) -> Tensor:
+            max_steps: int = 100_000, max_calls: int | None = None, on_step=None, fsal: bool = False) -> Tensor:
+    """Dormand-Prince 5(4) with step control from ``t0`` to ``t1``.
+
+    ``fsal``: reuse the last stage of an accepted step (``f`` at the new state) as the next
+    step's first, and the first stage after a rejected step (6 calls per step instead of 7; the
+    same values when ``f`` is deterministic). ``max_calls``: raise :class:`CallBudgetExhausted`
+    with the last accepted state instead of starting a step that would exceed it.
+    ``on_step(t, x, k)``: called after every accepted step with ``k = f(x, t)`` when known
+    (``fsal``), else None. The defaults are the reference solve as it always was.
+    """
     atol = rtol * 1e-2 if atol is None else atol
     t, h = t0, (t1 - t0) / 100
+    calls, first = 0, None
     for _ in range(max_steps):
         if (t1 - t) / h <= 1.0:
             h = t1 - t
+        if max_calls is not None and calls + len(_DP_C) - (first is not None) > max_calls:
+            raise CallBudgetExhausted(x, t, calls)
         ks: list[Tensor] = []
         for c, a in zip(_DP_C, _DP_A):
+            if not ks and first is not None:
+                ks.append(first)
+                continue
             xi = x + h * sum((aij * kj for aij, kj in zip(a, ks)), torch.zeros_like(x))
             ks.append(f(xi, t + c * h))
+            calls += 1
         x5 = x + h * sum(b * k for b, k in zip(_DP_B5, ks))
         x4 = x + h * sum(b * k for b, k in zip(_DP_B4, ks))
         scale = atol + rtol * torch.maximum(x.abs(), x5.abs())
         err = ((x5 - x4) / scale).square().mean().sqrt().item()
+        if fsal:
+            first = ks[0]
         if err <= 1.0:
             t, x = t + h, x5
+            if fsal:
+                first = ks[-1]  # the last stage is f(x5, t + h)
+            if on_step is not None:
+                on_step(t, x, first)
             if t == t1:
                 return x
         h *= min(5.0, max(0.2, 0.9 * (err + 1e-16) ** -0.2))

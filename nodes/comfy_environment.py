@@ -3,8 +3,11 @@
 A **context** is one generation the user cares about: a prompt of the list, a size, a cfg
 value and a noise seed. For each context :class:`ComfyEnvironment` runs, once, a
 high-accuracy **reference** through ComfyUI's own sampling path (the bridge, so model
-patches, LoRA and ControlNet apply as in real use): QualityMaster's DPM-Solver++(3M) on a
-Karras schedule with ``REFERENCE_STEPS`` steps from the same noise the experts get. Each expert then runs
+patches, LoRA and ControlNet apply as in real use): an adaptive Dormand-Prince 5(4) solve of the
+probability-flow ODE (:func:`~moe_sampler.experts.reference.reference_expert`, rtol 1e-5; a
+different family from every expert it grades) from the same noise the experts get, with at most
+``CALLS_PER_STEP * reference_steps`` model calls (400 for the default 100; a context that needs
+more ends with a coarser reference, logged and counted in ``reference_notes``). Each expert then runs
 from that noise and is scored by its relative latent error,
 
     relative_error = rms(x - x_ref) / rms(x_ref),   quality = clip(-log10(error) / 3, 0, 1)
@@ -22,7 +25,6 @@ store). ComfyUI is imported inside functions only; the input parsers here are pu
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
@@ -35,14 +37,14 @@ from ..router.environment import DenoiserEnvironment, RunReport, Sampled
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_STEPS = 100
+REFERENCE_STEPS = 100  # the trainer's reference_steps: the reference may use 4x this many model calls
 # Limits of the trainer's inputs (docs/NODES.md, "Limits"). CLIP reads 77 tokens per chunk
 # (about 300 characters); a prompt of 2,000 characters is already 6-7 chunks.
 MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 2000  # per prompt, and for negative_prompt
 MAX_PROMPTS_TEXT_CHARS = 100_000  # the whole prompts input
 MAX_LIST_TEXT_CHARS = 10_000  # sizes and cfg_values
-# Training runs a 100-step reference and every expert per context: sizes are capped far below
+# Training runs a reference solve and every expert per context: sizes are capped far below
 # what sampling alone allows (16384), and checked against the device's memory at the start.
 MAX_TRAINING_SIDE = 2048
 MAX_TRAINING_PIXELS = 1536 * 1536
@@ -129,8 +131,8 @@ def parse_sizes(text: Any, input_name: str = "sizes") -> list[tuple[int, int]]:
         if width * height > MAX_TRAINING_PIXELS:
             raise TrainingInputError(
                 f"{input_name}: {item!r} has {width * height} pixels; training sizes have at most "
-                f"{MAX_TRAINING_PIXELS} (1536x1536): each training context runs a {REFERENCE_STEPS}-step "
-                f"reference and every expert"
+                f"{MAX_TRAINING_PIXELS} (1536x1536): each training context runs a reference solve "
+                f"(up to {4 * REFERENCE_STEPS} model calls) and every expert"
             )
         sizes.append((width, height))
     return list(dict.fromkeys(sizes))
@@ -166,7 +168,7 @@ def check_sizes_fit(model: Any, sizes: Sequence[tuple[int, int]], input_name: st
     on_cpu = getattr(device, "type", str(device)) == "cpu"
     available = mm.get_free_memory(device) if on_cpu else mm.get_total_memory(device)
     for width, height in sizes:
-        needed = base.memory_required([1, 4, height // 8, width // 8])
+        needed = base.memory_required(list(empty_latent(model, width, height)["samples"].shape))
         if needed > available:
             where = "free RAM" if on_cpu else "memory on " + str(device)
             raise TrainingInputError(
@@ -317,6 +319,21 @@ def quality_from_relative_error(error: float) -> float:
     return float(quality_from_error(error)) if math.isfinite(error) else 0.0
 
 
+def reference_expert(reference_steps: int = REFERENCE_STEPS, notes: list | None = None) -> Any:
+    """The reference the trainer and the sampler's audits score experts against: Dormand-Prince
+    5(4) at rtol 1e-5 (:func:`moe_sampler.experts.reference.reference_expert`), run through the
+    bridge like an expert, with at most ``CALLS_PER_STEP * reference_steps`` model calls (its
+    start: the first sigma of a ``reference_steps``-step Karras schedule, as ComfyUI truncates
+    it for img2img). On the analytic yardstick it takes about 90 calls per text-to-image
+    reference and is at least 10x below the best expert's error (docs/ROUTER.md)."""
+    from ..experts.reference import CALLS_PER_STEP
+    from ..experts.reference import reference_expert as dormand_prince_expert
+
+    if reference_steps < 1:
+        raise TrainingInputError(f"reference_steps: must be >= 1, got {reference_steps}")
+    return dormand_prince_expert(CALLS_PER_STEP * reference_steps, steps=reference_steps, notes=notes)
+
+
 ExpertRunReport = RunReport  # what on_run receives (the router environment's report)
 
 
@@ -332,7 +349,8 @@ class ComfyEnvironment(DenoiserEnvironment):
         clip: ComfyUI ``CLIP`` used to encode ``prompts`` and ``negative``.
         prompts, negative: prompt texts; the negative prompt is shared by all contexts.
         contexts: the finite set of contexts to draw from (:func:`training_contexts`).
-        reference_steps: steps of the reference solve.
+        reference_steps: the reference's budget: at most ``CALLS_PER_STEP * reference_steps``
+            model calls per reference (:func:`reference_expert`).
         on_run: called with a ``RunReport`` after every fresh expert run.
         priority: the priority the reported runs' states are computed at (the node's).
 
@@ -353,6 +371,7 @@ class ComfyEnvironment(DenoiserEnvironment):
         self.prompts, self.negative = list(prompts), negative
         self.contexts = list(contexts)
         self.reference_steps = reference_steps
+        self.reference_notes: list[dict] = []  # per reference: calls, steps, sigma reached, capped
         self.family = comfy_experts.model_family(model)
         self._conditioning: dict[int | None, Any] = {}
         self._comfy_references: dict[ComfyContext, Any] = {}
@@ -410,13 +429,9 @@ class ComfyEnvironment(DenoiserEnvironment):
             )
 
     def reference_expert(self) -> Any:
-        """The reference solver: QualityMaster's DPM-Solver++(3M) on a Karras schedule with
-        ``reference_steps`` steps (2.5x QualityMaster's 40, so its own error is ~15x smaller)."""
-        from ..experts import get_expert
-
-        base = get_expert("QualityMaster")
-        descriptor = dataclasses.replace(base.descriptor, name="Reference", steps=self.reference_steps, max_nfe=0)
-        return dataclasses.replace(base, descriptor=descriptor)
+        """The reference solver (:func:`reference_expert` with this environment's
+        ``reference_steps``; each run's calls and whether it hit the cap go to ``reference_notes``)."""
+        return reference_expert(self.reference_steps, self.reference_notes)
 
     def reference(self, context: ComfyContext) -> Any:
         """The reference latent of a context (computed once)."""

@@ -7,7 +7,7 @@
   policy of :mod:`moe_sampler.router.online`; before its first adopted version the untrained
   router's best fixed expert (the "learning" phase).
 - **Audits.** With probability ``audit_rate`` the sampler also runs the reference (the training
-  environment's: QualityMaster's solver with ``REFERENCE_STEPS`` steps) from the same noise after
+  environment's: a Dormand-Prince solve of at most 4 x ``REFERENCE_STEPS`` model calls) from the same noise after
   the expert and scores the run exactly (:func:`run_audit`); the returned latent is the expert's.
 - **Background updates.** :class:`OnlineLearner` counts the recorded runs of each model; after
   every ``every`` runs it queues an update for a daemon thread, which reads the model's rows from
@@ -43,7 +43,7 @@ DEFAULT_AUDIT_RATE = 0.02
 UPDATE_EVERY = int(os.environ.get("MOE_SAMPLER_LEARN_EVERY", "25") or 25)  # recorded runs per model between updates
 MAX_ROWS = 20_000  # newest rows read for an update
 LEARNING_ENV = "MOE_SAMPLER_LEARNING"  # "0" turns the background updates off
-AUDIT_STEPS: int | None = None  # steps of the audit's reference; None: the training reference's REFERENCE_STEPS
+AUDIT_STEPS: int | None = None  # the audit reference's reference_steps (budget); None: REFERENCE_STEPS
 EXPLORATION: float | None = None  # epsilon of the learned router; None: router.online.EPSILON (5%)
 BACKGROUND_PAUSE = 0.002  # seconds a background fit sleeps per Adam step, leaving the CPU to sampling
 
@@ -264,8 +264,8 @@ def run_audit(model: Any, positive: Any, negative: Any, latent_image: dict, seed
               samples: Any) -> Audit:
     """Run the reference from the same noise and score ``samples`` (the expert's output) against it.
 
-    The reference is the training environment's (:data:`~.comfy_environment.REFERENCE_STEPS`
-    steps of QualityMaster's solver); no previews, no fallback. ComfyUI's interrupt propagates;
+    The reference is the training environment's (:func:`~.comfy_environment.reference_expert`
+    with :data:`~.comfy_environment.REFERENCE_STEPS`); no previews, no fallback. ComfyUI's interrupt propagates;
     any other failure gives an :class:`Audit` with ``error`` set.
     """
     import torch
@@ -291,11 +291,9 @@ def run_audit(model: Any, positive: Any, negative: Any, latent_image: dict, seed
 
 
 def _reference_expert(steps: int) -> Any:
-    from ..experts import get_expert
+    from .comfy_environment import reference_expert
 
-    base = get_expert("QualityMaster")
-    descriptor = dataclasses.replace(base.descriptor, name="Reference", steps=steps, max_nfe=0)
-    return dataclasses.replace(base, descriptor=descriptor)
+    return reference_expert(steps)
 
 
 # ----------------------------------------------------------------------------- store rows

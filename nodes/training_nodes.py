@@ -59,8 +59,10 @@ TOOLTIPS = {
     "resume": "On: continue the stopped or finished training run of this name (or fine-tune the saved "
               "router of this name). Off: start from the untrained default router.",
     "expert_pool": "Experts to train on (MoE Expert Pool). Not connected: the five main built-in experts.",
-    "reference_steps": "Steps of the high-accuracy reference each expert is scored against (DPM-Solver++(3M), "
-                       "Karras). More steps measure fidelity more exactly and cost one longer run per context.",
+    "reference_steps": "Budget of the high-accuracy reference each expert is scored against: an adaptive "
+                       "Dormand-Prince solve (a different family from the experts) with at most 4x this many "
+                       "model calls per context (400 for 100). A context that needs more ends with a coarser "
+                       "reference; the report counts those. Raise it for stiff models or high cfg.",
 }
 
 
@@ -301,7 +303,12 @@ def training_report(plan: TrainingPlan, router_file: str, trainer: Any, environm
         if any(math.isfinite(v) for v in result.oracle_rewards[-window:]):
             line += f", best expert {_mean(result.oracle_rewards[-window:]):.3f}"
         lines.append(line + ".")
-    lines += ["", f"Measured in this session (relative latent error to a {reference_steps}-step reference):",
+    notes = getattr(environment, "reference_notes", [])
+    capped = sum(1 for n in notes if n.get("capped"))
+    budget = (f"a Dormand-Prince reference of at most {4 * reference_steps} model calls"
+              + (f", {sum(n['calls'] for n in notes) / len(notes):.0f} on average" if notes else "")
+              + (f"; {capped} of {len(notes)} hit that cap (coarser; raise reference_steps)" if capped else ""))
+    lines += ["", f"Measured in this session (relative latent error to {budget}):",
               f"{'expert':<24}{'runs':>5}{'quality':>9}{'rel.err':>10}{'NFE':>6}{'sec':>8}"]
     by_expert: dict[str, list[Any]] = {}
     for outcome in environment.outcomes():

@@ -1,0 +1,137 @@
+"""The reference that grades experts, as a sampler loop any sampling path can run.
+
+:func:`dormand_prince_sampler` has the k-diffusion signature (``fn(model, x, sigmas,
+extra_args=None, callback=None, disable=None)``), so ComfyUI can run it through
+``comfy.samplers.KSAMPLER`` like any expert (the bridge does: model patches, LoRA, ControlNet and
+inpainting masks apply as in real use). It integrates the probability-flow ODE ``dx/dt = x -
+D(x, e^t)`` in ``t = log sigma`` from ``sigmas[0]`` to the schedule's last nonzero sigma with
+Dormand-Prince 5(4) step control (:class:`~moe_sampler.router.environment.DormandPrince`'s
+method: an adaptive Runge-Kutta pair, a different family from every expert it grades), then
+takes ``D`` there, as every expert's last step does. The last stage of each accepted step is
+reused as the next step's first (6 model calls per step).
+
+A hard cap on model calls (``max_calls``, final ``D`` included) keeps a stiff context from
+running for ever: step control may use ``adaptive_share`` of it; a solve that has not finished
+by then completes the rest of the interval with equal Dormand-Prince steps (no error control)
+in the calls left, and the result is logged as a warning and noted in ``notes`` (``capped``).
+ComfyUI's discrete-time models (SD1.5, SDXL: ``ModelSamplingDiscrete`` rounds sigma to the
+nearest of 1,000 trained levels) make the ODE's right side jump between levels, which step
+control cannot resolve cheaply: that is where the cap binds (docs/ROUTER.md).
+
+:func:`reference_expert` wraps it as an :class:`~moe_sampler.experts.base.Expert` (not
+registered: never in a pool) with Karras sigmas, so ``Expert.sigmas(schedule, denoise)`` gives
+the start (``sigma_max`` for text-to-image, the img2img start otherwise) and ``sigma_min``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .analytic import _DP_A, _DP_B5, _DP_C, CallBudgetExhausted, _dopri5
+from .base import Expert, ExpertDescriptor, get_expert
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_RTOL = 1e-5  # the generic environment's default (docs/ROUTER.md: >= 38x below the best expert)
+CALLS_PER_STEP = 4  # the ComfyUI trainer's budget: max_calls = CALLS_PER_STEP * reference_steps
+
+
+def dormand_prince_sampler(model: Any, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
+                           callback: Callable[[dict], None] | None = None, disable: bool | None = None,
+                           report: dict | None = None, rtol: float = REFERENCE_RTOL, atol: float | None = None,
+                           max_calls: int = 400, notes: list | None = None, adaptive_share: float = 0.5) -> Tensor:
+    """The reference solve as a k-diffusion sampler loop (see the module docstring).
+
+    The state is integrated in float64; ``model`` is called with ``x``'s dtype (what the
+    sampling path gives, float32 in ComfyUI) and its output cast up. ``callback`` gets the
+    k-diffusion dict after every accepted step (``i`` counts accepted steps). ``notes``, when
+    given, receives one dict per run: ``calls`` (model calls), ``steps``, ``sigma_reached``
+    (where the integration ended) and ``capped`` (True when ``max_calls`` cut it short).
+    Returns the result in ``x``'s dtype.
+    """
+    if max_calls < 1:
+        raise ValueError(f"max_calls must be >= 1, got {max_calls}")
+    extra_args = {} if extra_args is None else extra_args
+    in_dtype = x.dtype
+    positive = sigmas[sigmas > 0]
+    sigma_start, sigma_end = float(sigmas[0]), float(positive[-1]) if len(positive) else 0.0
+    b = x.shape[0]
+    calls = [0]
+
+    def denoise(x_: Tensor, sigma: float) -> Tensor:
+        calls[0] += 1
+        s = torch.full((b,), sigma, dtype=in_dtype, device=x_.device)
+        return model(x_.to(in_dtype), s, **extra_args).to(torch.float64)
+
+    def f(x_: Tensor, t: float) -> Tensor:
+        return x_ - denoise(x_, math.exp(t))
+
+    steps = [0]
+
+    def on_step(t: float, x_: Tensor, k: Tensor | None) -> None:
+        if callback is not None:
+            sigma = torch.tensor(math.exp(t), dtype=in_dtype)
+            denoised = (x_ - k) if k is not None else x_
+            callback({"x": x_.to(in_dtype), "i": steps[0], "sigma": sigma, "sigma_hat": sigma,
+                      "denoised": denoised.to(in_dtype)})
+        steps[0] += 1
+
+    state, sigma_reached, capped = x.to(torch.float64), sigma_start, False
+    if 0 < sigma_end < sigma_start and max_calls > 1:
+        t1 = math.log(sigma_end)
+        try:
+            state = _dopri5(f, state, math.log(sigma_start), t1, rtol=rtol, atol=atol,
+                            max_calls=max(1, int(adaptive_share * (max_calls - 1))), on_step=on_step, fsal=True)
+            sigma_reached = sigma_end
+        except CallBudgetExhausted as stop:
+            capped, t = True, stop.t
+            n = (max_calls - 1 - calls[0] - 1) // 6  # k1 once, then 6 calls per step (its last stage is the next k1)
+            state = stop.x
+            if n >= 1:
+                h = (t1 - t) / n
+                k = f(state, t)
+                for i in range(n):
+                    state, k = _fixed_step(f, state, t + i * h, h, k)
+                    on_step(t + (i + 1) * h, state, k)
+            sigma_reached = sigma_end if n >= 1 else math.exp(t)
+            logger.warning("reference: step control did not finish in %d of its %d model calls (stopped at sigma "
+                           "%.4g); finished down to sigma %.4g with %d equal steps, a coarser reference",
+                           stop.calls, max_calls, math.exp(stop.t), sigma_reached, max(n, 0))
+    out = denoise(state, sigma_reached) if sigma_reached > 0 else state
+    if report is not None:
+        report["steps"] = steps[0]
+    if notes is not None:
+        notes.append({"calls": calls[0], "steps": steps[0], "sigma_reached": sigma_reached, "capped": capped})
+    return out.to(in_dtype)
+
+
+def _fixed_step(f: Callable[[Tensor, float], Tensor], x: Tensor, t: float, h: float,
+                k1: Tensor) -> tuple[Tensor, Tensor]:
+    """One Dormand-Prince 5th-order step without error control from ``(x, t)`` with ``k1 = f(x,
+    t)``; returns the new state and ``f`` there (its last stage): 6 calls."""
+    ks = [k1]
+    for c, a in zip(_DP_C[1:], _DP_A[1:]):
+        ks.append(f(x + h * sum(aij * kj for aij, kj in zip(a, ks)), t + c * h))
+    return x + h * sum(b * k for b, k in zip(_DP_B5, ks)), ks[-1]
+
+
+def reference_expert(max_calls: int, steps: int = 100, rtol: float = REFERENCE_RTOL, notes: list | None = None,
+                     name: str = "Reference") -> Expert:
+    """:func:`dormand_prince_sampler` as an unregistered :class:`Expert` with at most
+    ``max_calls`` model calls. Its sigmas are QualityMaster's Karras schedule with ``steps``
+    levels: only their first (the start; img2img truncates by ``denoise`` as ComfyUI does) and
+    last nonzero value (``sigma_min``) are used. ``notes``: see :func:`dormand_prince_sampler`."""
+    if max_calls < 2:
+        raise ValueError(f"max_calls must be >= 2 (one step and the final denoise), got {max_calls}")
+    karras = get_expert("QualityMaster").make_sigmas
+    descriptor = ExpertDescriptor(name=name, solver="dopri5", order=5.0, calls_per_step=6.0, steps=steps,
+                                  schedule="adaptive", stochastic=False, stop_rule="none",
+                                  max_nfe=max_calls,
+                                  description="Dormand-Prince 5(4) reference solve of the probability-flow ODE")
+    return Expert(descriptor, dormand_prince_sampler, karras,
+                  options={"rtol": rtol, "max_calls": max_calls, "notes": notes})
