@@ -28,12 +28,12 @@ from .sampler_nodes import (
     MIN_FEATURE_CFG,
     TOOLTIPS,
     AdaptiveRun,
-    ExpertPoolType,
     _add_image_metadata,
     _notify,
     _record,
     _save_chart,
     run_adaptive,
+    sampler_inputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,16 +154,7 @@ class MoEABCompare(io.ComfyNode):
             description="Samples twice from the same noise: once with the expert the router picks (as MoE "
                         "Adaptive Sampler), once with your usual KSampler settings, and says how many model "
                         "calls and how much time each took. Decode both latents to compare the images.",
-            inputs=[
-                io.Model.Input("model", tooltip=t["model"]),
-                io.Conditioning.Input("positive", tooltip=t["positive"]),
-                io.Conditioning.Input("negative", tooltip=t["negative"]),
-                io.Latent.Input("latent_image", tooltip=t["latent_image"]),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip=t["seed"]),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=t["cfg"]),
-                io.Float.Input("priority", default=0.5, min=0.0, max=1.0, step=0.05,
-                               display_mode=io.NumberDisplay.slider, tooltip=t["priority"]),
+            inputs=sampler_inputs(
                 io.Combo.Input("router", options=paths.router_names(), default=paths.BUILTIN_ROUTER,
                                tooltip=t["router"]),
                 io.Combo.Input("baseline_sampler", options=comfy.samplers.SAMPLER_NAMES, default="euler",
@@ -171,9 +162,7 @@ class MoEABCompare(io.ComfyNode):
                 io.Combo.Input("baseline_scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
                                tooltip=AB_TOOLTIPS["baseline_scheduler"]),
                 io.Int.Input("baseline_steps", default=20, min=1, max=10000, tooltip=AB_TOOLTIPS["baseline_steps"]),
-                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=t["denoise"]),
-                ExpertPoolType.Input("expert_pool", optional=True, tooltip=t["expert_pool"]),
-            ],
+            ),
             outputs=[
                 io.Latent.Output("moe_latent", tooltip="The latent from the expert the router picked."),
                 io.Latent.Output("baseline_latent", tooltip="The latent from the baseline (your KSampler settings)."),

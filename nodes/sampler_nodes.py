@@ -245,6 +245,27 @@ def _add_image_metadata(extra_pnginfo: Any, node_id: Any, info: dict, inputs: di
     runs.append(entry)
 
 
+def sampler_inputs(*own: io.Input) -> list[io.Input]:
+    """The inputs MoE Adaptive Sampler and MoE A/B Compare share, in their widget order: model,
+    prompts, latent, seed, cfg and priority, then the node's ``own`` inputs (its router first),
+    then denoise and expert_pool."""
+    t = TOOLTIPS
+    return [
+        io.Model.Input("model", tooltip=t["model"]),
+        io.Conditioning.Input("positive", tooltip=t["positive"]),
+        io.Conditioning.Input("negative", tooltip=t["negative"]),
+        io.Latent.Input("latent_image", tooltip=t["latent_image"]),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip=t["seed"]),
+        io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=t["cfg"]),
+        io.Float.Input("priority", default=0.5, min=0.0, max=1.0, step=0.05,
+                       display_mode=io.NumberDisplay.slider, tooltip=t["priority"]),
+        *own,
+        io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=t["denoise"]),
+        ExpertPoolType.Input("expert_pool", optional=True, tooltip=t["expert_pool"]),
+    ]
+
+
 class MoEAdaptiveSampler(io.ComfyNode):
     """KSampler's drop-in: a router picks the sampling expert for each generation."""
 
@@ -259,22 +280,14 @@ class MoEAdaptiveSampler(io.ComfyNode):
                         "schedule, steps, stop rule) for this model, prompt, size and priority, and every run "
                         "is recorded so the router can improve.",
             inputs=[
-                io.Model.Input("model", tooltip=t["model"]),
-                io.Conditioning.Input("positive", tooltip=t["positive"]),
-                io.Conditioning.Input("negative", tooltip=t["negative"]),
-                io.Latent.Input("latent_image", tooltip=t["latent_image"]),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip=t["seed"]),
-                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=t["cfg"]),
-                io.Float.Input("priority", default=0.5, min=0.0, max=1.0, step=0.05,
-                               display_mode=io.NumberDisplay.slider, tooltip=t["priority"]),
-                io.Combo.Input("router", options=online_learning.router_options(paths.router_names()),
-                               default=online_learning.LEARNED_ROUTER, tooltip=t["router"]),
-                io.Combo.Input("mode", options=["auto", *expert_names(include_compat=True)], default="auto",
-                               tooltip=t["mode"]),
-                io.Float.Input("temperature", default=0.0, min=0.0, max=10.0, step=0.01, tooltip=t["temperature"]),
-                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=t["denoise"]),
-                ExpertPoolType.Input("expert_pool", optional=True, tooltip=t["expert_pool"]),
+                *sampler_inputs(
+                    io.Combo.Input("router", options=online_learning.router_options(paths.router_names()),
+                                   default=online_learning.LEARNED_ROUTER, tooltip=t["router"]),
+                    io.Combo.Input("mode", options=["auto", *expert_names(include_compat=True)], default="auto",
+                                   tooltip=t["mode"]),
+                    io.Float.Input("temperature", default=0.0, min=0.0, max=10.0, step=0.01,
+                                   tooltip=t["temperature"]),
+                ),
                 io.Float.Input("audit_rate", default=online_learning.DEFAULT_AUDIT_RATE, min=0.0, max=1.0,
                                step=0.01, optional=True, tooltip=t["audit_rate"]),
             ],

@@ -348,12 +348,7 @@ class PostgresRegistry:
                     self._mirror(name, int(version), data)
                     copied.append((name, int(version)))
             except (psycopg.Error, RegistryUnavailable) as exc:
-                if self._follow_conn is not None:
-                    try:
-                        self._follow_conn.close()
-                    except Exception:
-                        pass
-                    self._follow_conn = None
+                self._drop_follow_conn()
                 raise exc if isinstance(exc, RegistryUnavailable) else RegistryUnavailable(self._describe(exc)) from None
             self.checks += 1
             self.last_check = time.time()
@@ -381,12 +376,16 @@ class PostgresRegistry:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=CONNECT_TIMEOUT + 5)
         with self._follow_lock:
-            if self._follow_conn is not None:
-                try:
-                    self._follow_conn.close()
-                except Exception:
-                    pass
-                self._follow_conn = None
+            self._drop_follow_conn()
+
+    def _drop_follow_conn(self) -> None:
+        """Close and forget the follower's connection, if any (the caller holds ``_follow_lock``)."""
+        if self._follow_conn is not None:
+            try:
+                self._follow_conn.close()
+            except Exception:
+                pass
+            self._follow_conn = None
 
     def _follow_loop(self) -> None:
         while not self._stop.is_set():
