@@ -47,6 +47,39 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_comfy)
 
 
+@pytest.fixture(scope="module")
+def tiny_comfy(tmp_path_factory):
+    """ComfyUI in-process (``COMFYUI_PATH``) on the tiny SD1.5-family checkpoint, loaded once per test
+    module with ComfyUI's folders in a temporary directory: ``model``, ``clip``, ``positive`` ("a
+    watercolor fox in the snow") and ``negative`` ("blurry"). The pack's router folder is registered
+    and ComfyUI's console progress bar is off while the module runs. Only for ``comfyui`` tests:
+    without ``COMFYUI_PATH`` they are skipped (above) before this is set up."""
+    from helpers.comfy_env import encode_prompt, import_comfy, load_tiny_checkpoint
+
+    import_comfy()
+    import comfy.utils
+
+    model, clip, _ = load_tiny_checkpoint(tmp_path_factory.mktemp("comfy"))
+    from moe_sampler.nodes import paths
+
+    paths.register_folders()
+    bar = comfy.utils.PROGRESS_BAR_ENABLED
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    yield dict(model=model, clip=clip, positive=encode_prompt(clip, "a watercolor fox in the snow"),
+               negative=encode_prompt(clip, "blurry"))
+    comfy.utils.PROGRESS_BAR_ENABLED = bar
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty stats store in the test's temporary folder (a module needing another defines its own)."""
+    from moe_sampler.stats.store import StatsStore
+
+    s = StatsStore(tmp_path / "stats.sqlite3")
+    yield s
+    s.close()
+
+
 def _skip_reason(report) -> str:
     longrepr = report.longrepr
     if isinstance(longrepr, tuple) and len(longrepr) == 3:

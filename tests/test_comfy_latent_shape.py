@@ -15,15 +15,10 @@ pytestmark = pytest.mark.comfyui
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from helpers.comfy_env import import_comfy, load_tiny_checkpoint
+def env(tiny_comfy):
+    from moe_sampler.nodes import comfy_environment, sampler_nodes
 
-    import_comfy()
-    model, clip, _ = load_tiny_checkpoint(tmp_path_factory.mktemp("comfy"))
-    from moe_sampler.nodes import comfy_environment, paths, sampler_nodes
-
-    paths.register_folders()
-    return dict(model=model, clip=clip, environment=comfy_environment, nodes=sampler_nodes)
+    return dict(tiny_comfy, environment=comfy_environment, nodes=sampler_nodes)
 
 
 class WithLatentFormat:

@@ -24,37 +24,19 @@ AUDIT_STEPS = 12  # the test's audit reference (the node's is 100 steps): a 2-co
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from helpers.comfy_env import encode_prompt, import_comfy, load_tiny_checkpoint
-
-    import_comfy()
-    import comfy.utils
-
-    model, clip, _ = load_tiny_checkpoint(tmp_path_factory.mktemp("comfy"))
+def env(tiny_comfy):
+    from helpers.comfy_env import encode_prompt
     from moe_sampler.nodes import comfy_experts, online_learning, paths, sampler_nodes
 
-    paths.register_folders()
     pool = [comfy_experts.expert_from_comfy("euler", "karras", 3), comfy_experts.expert_from_comfy("dpmpp_2m", "karras", 4),
             comfy_experts.expert_from_comfy("heun", "karras", 3)]
-    bar = comfy.utils.PROGRESS_BAR_ENABLED
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    prompts = [encode_prompt(clip, p) for p in ("a watercolor fox in the snow", "a red car", "an old castle")]
+    prompts = [tiny_comfy["positive"], *(encode_prompt(tiny_comfy["clip"], p) for p in ("a red car", "an old castle"))]
     steps, epsilon = online_learning.AUDIT_STEPS, online_learning.EXPLORATION
     online_learning.AUDIT_STEPS = AUDIT_STEPS
     online_learning.EXPLORATION = 0.5  # enough logged picks of every expert in a short test
-    yield dict(model=model, prompts=prompts, negative=encode_prompt(clip, "blurry"), nodes=sampler_nodes,
+    yield dict(model=tiny_comfy["model"], prompts=prompts, negative=tiny_comfy["negative"], nodes=sampler_nodes,
                online=online_learning, paths=paths, pool=pool)
     online_learning.AUDIT_STEPS, online_learning.EXPLORATION = steps, epsilon
-    comfy.utils.PROGRESS_BAR_ENABLED = bar
-
-
-@pytest.fixture
-def store(tmp_path):
-    from moe_sampler.stats.store import StatsStore
-
-    s = StatsStore(tmp_path / "stats.sqlite3")
-    yield s
-    s.close()
 
 
 def latent(size: int = 8) -> dict:

@@ -18,17 +18,10 @@ SEED = 7
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from helpers.comfy_env import encode_prompt, import_comfy, load_tiny_checkpoint
+def env(tiny_comfy):
+    from moe_sampler.nodes import bridge, comfy_environment, online_learning
 
-    import_comfy()
-    model, clip, _ = load_tiny_checkpoint(tmp_path_factory.mktemp("comfy"))
-    from moe_sampler.nodes import bridge, comfy_environment, online_learning, paths
-
-    paths.register_folders()
-    return dict(model=model, positive=encode_prompt(clip, "a watercolor fox in the snow"),
-                negative=encode_prompt(clip, "blurry"), bridge=bridge, environment=comfy_environment,
-                online=online_learning)
+    return dict(tiny_comfy, bridge=bridge, environment=comfy_environment, online=online_learning)
 
 
 def _latent() -> dict:

@@ -20,32 +20,11 @@ CFG = 6.5
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """ComfyUI, the tiny checkpoint, prompts and the pack's node modules (folders in a temp dir)."""
-    from helpers.comfy_env import encode_prompt, import_comfy, load_tiny_checkpoint
-
-    import_comfy()
-    import comfy.utils
-
-    model, clip, _ = load_tiny_checkpoint(tmp_path_factory.mktemp("comfy"))
+def env(tiny_comfy):
+    """ComfyUI, the tiny checkpoint and prompts (conftest's ``tiny_comfy``) and the pack's node modules."""
     from moe_sampler.nodes import bridge, comfy_experts, paths, sampler_nodes
 
-    paths.register_folders()
-    bar = comfy.utils.PROGRESS_BAR_ENABLED
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    yield dict(model=model, clip=clip, positive=encode_prompt(clip, "a watercolor fox in the snow"),
-               negative=encode_prompt(clip, "blurry"), bridge=bridge, comfy_experts=comfy_experts,
-               paths=paths, nodes=sampler_nodes)
-    comfy.utils.PROGRESS_BAR_ENABLED = bar
-
-
-@pytest.fixture
-def store(tmp_path):
-    from moe_sampler.stats.store import StatsStore
-
-    s = StatsStore(tmp_path / "stats.sqlite3")
-    yield s
-    s.close()
+    return dict(tiny_comfy, bridge=bridge, comfy_experts=comfy_experts, paths=paths, nodes=sampler_nodes)
 
 
 def empty_latent(batch: int = 1) -> dict:

@@ -15,20 +15,10 @@ pytestmark = pytest.mark.comfyui
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from helpers.comfy_env import encode_prompt, import_comfy, load_tiny_checkpoint
-
-    import_comfy()
-    import comfy.utils
-
-    model, clip, _ = load_tiny_checkpoint(tmp_path_factory.mktemp("comfy"))
+def env(tiny_comfy):
     from moe_sampler.nodes import bridge, sampler_nodes
 
-    bar = comfy.utils.PROGRESS_BAR_ENABLED
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    yield dict(model=model, positive=encode_prompt(clip, "a watercolor fox in the snow"),
-               negative=encode_prompt(clip, "blurry"), bridge=bridge, nodes=sampler_nodes)
-    comfy.utils.PROGRESS_BAR_ENABLED = bar
+    return dict(tiny_comfy, bridge=bridge, nodes=sampler_nodes)
 
 
 def moe_expert_node(env, sampler_name: str, scheduler: str, steps: int, stop_rule: str):

@@ -13,13 +13,11 @@ Run: ``COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/test_farm_comfy.py -
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -27,14 +25,13 @@ from helpers import postgres as pg_helper
 from helpers.comfy_server import (
     TINY_CHECKPOINT_NAME,
     ComfyServer,
-    build_tiny_checkpoint,
-    status_messages,
-    workflow_to_prompt,
+    finished,
+    shared_tiny_checkpoint,
+    tiny_text_to_image,
 )
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 LEARNED_ROUTER = "(learned for this model)"
 POLL = 0.5
 logger = logging.getLogger(__name__)
@@ -58,8 +55,7 @@ def database():
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, database):
-    checkpoints = tmp_path_factory.getbasetemp() / "moe_tiny_checkpoint"
-    build_tiny_checkpoint(os.environ["COMFYUI_PATH"], checkpoints)
+    checkpoints = shared_tiny_checkpoint(tmp_path_factory)
     saved = {k: os.environ.get(k) for k in ("MOE_SAMPLER_DATABASE_URL", "MOE_SAMPLER_ROUTER_POLL_SECONDS",
                                             "MOE_SAMPLER_LEARNING")}
     os.environ.update(MOE_SAMPLER_DATABASE_URL=database, MOE_SAMPLER_ROUTER_POLL_SECONDS=str(POLL),
@@ -80,22 +76,14 @@ def servers(tmp_path_factory, database):
 def run(server: ComfyServer, prompt: dict) -> tuple[dict, float]:
     """The finished history entry and the wall time from queueing to its end."""
     start = time.monotonic()
-    entry = server.wait_for(server.queue_prompt(prompt), 600)
-    messages = status_messages(entry)
-    assert entry["status"]["status_str"] == "success", json.dumps(messages.get("execution_error"))[:3000]
+    entry, _ = finished(server, prompt)
     return entry, time.monotonic() - start
 
 
 def sample(server: ComfyServer, seed: int) -> dict:
     """One MoE Adaptive Sampler run with the learned router on the tiny checkpoint: its badge info
     (plus ``wall``: seconds from queueing to the end)."""
-    workflow = json.loads((ROOT / "example_workflows" / "MoE Text to Image.json").read_text(encoding="utf-8"))
-    prompt = workflow_to_prompt(workflow, server.object_info())
-    small = {"CheckpointLoaderSimple": {"ckpt_name": TINY_CHECKPOINT_NAME},
-             "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
-             "MoEAdaptiveSampler": {"seed": seed, "router": LEARNED_ROUTER, "audit_rate": 0.0}}
-    for node in prompt.values():
-        node["inputs"].update(small.get(node["class_type"], {}))
+    prompt = tiny_text_to_image(server, {"seed": seed, "router": LEARNED_ROUTER, "audit_rate": 0.0})
     sampler = next(i for i, node in prompt.items() if node["class_type"] == "MoEAdaptiveSampler")
     entry, wall = run(server, prompt)
     return {**entry["outputs"][sampler]["moe_run"][0], "wall": wall}

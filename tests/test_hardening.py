@@ -403,23 +403,14 @@ def test_names_that_only_resemble_windows_devices_pass(name):
 
 
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    """ComfyUI with the tiny SD1.5-family checkpoint, and the pack's sampler and trainer modules."""
-    from helpers.comfy_env import encode_prompt, import_comfy, load_tiny_checkpoint
+def comfy(tiny_comfy):
+    """ComfyUI with the tiny SD1.5-family checkpoint (conftest's ``tiny_comfy``), prompted "a fox",
+    and the pack's sampler and trainer modules."""
+    from helpers.comfy_env import encode_prompt
+    from moe_sampler.nodes import comfy_experts, sampler_nodes, training_nodes
 
-    import_comfy()
-    import comfy.utils
-
-    model, clip, _ = load_tiny_checkpoint(tmp_path_factory.mktemp("comfy"))
-    from moe_sampler.nodes import comfy_experts, paths as comfy_paths, sampler_nodes, training_nodes
-
-    comfy_paths.register_folders()
-    bar = comfy.utils.PROGRESS_BAR_ENABLED
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    yield SimpleNamespace(model=model, clip=clip, positive=encode_prompt(clip, "a fox"),
-                          negative=encode_prompt(clip, "blurry"), comfy_experts=comfy_experts,
-                          sampler_nodes=sampler_nodes, training_nodes=training_nodes)
-    comfy.utils.PROGRESS_BAR_ENABLED = bar
+    return SimpleNamespace(**{**tiny_comfy, "positive": encode_prompt(tiny_comfy["clip"], "a fox")},
+                           comfy_experts=comfy_experts, sampler_nodes=sampler_nodes, training_nodes=training_nodes)
 
 
 class _NoStore:

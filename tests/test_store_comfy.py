@@ -19,17 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers.comfy_server import (
-    TINY_CHECKPOINT_NAME,
-    ComfyServer,
-    build_tiny_checkpoint,
-    status_messages,
-    workflow_to_prompt,
-)
+from helpers.comfy_server import ComfyServer, finished, shared_tiny_checkpoint, tiny_text_to_image
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 LOCK_SECONDS = 30.0
 logger = logging.getLogger(__name__)
 
@@ -45,31 +38,20 @@ conn.execute("ROLLBACK")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    checkpoints = tmp_path_factory.getbasetemp() / "moe_tiny_checkpoint"
-    build_tiny_checkpoint(os.environ["COMFYUI_PATH"], checkpoints)
     with ComfyServer(os.environ["COMFYUI_PATH"], tmp_path_factory.mktemp("comfy_store"),
-                     checkpoint_dir=checkpoints) as running:
+                     checkpoint_dir=shared_tiny_checkpoint(tmp_path_factory)) as running:
         yield running
 
 
 def run(server: ComfyServer, prompt: dict) -> tuple[dict, float]:
     """The finished history entry and the prompt's execution time from ComfyUI's own timestamps."""
-    entry = server.wait_for(server.queue_prompt(prompt), 600)
-    messages = status_messages(entry)
-    assert entry["status"]["status_str"] == "success", json.dumps(messages.get("execution_error"))[:3000]
+    entry, messages = finished(server, prompt)
     seconds = (messages["execution_success"]["timestamp"] - messages["execution_start"]["timestamp"]) / 1000
     return entry, seconds
 
 
 def text_to_image(server: ComfyServer, seed: int) -> dict:
-    workflow = json.loads((ROOT / "example_workflows" / "MoE Text to Image.json").read_text(encoding="utf-8"))
-    prompt = workflow_to_prompt(workflow, server.object_info())
-    small = {"CheckpointLoaderSimple": {"ckpt_name": TINY_CHECKPOINT_NAME},
-             "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
-             "MoEAdaptiveSampler": {"seed": seed}}
-    for node in prompt.values():
-        node["inputs"].update(small.get(node["class_type"], {}))
-    return prompt
+    return tiny_text_to_image(server, {"seed": seed})
 
 
 def rows(path: Path) -> int:

@@ -302,6 +302,36 @@ def status_messages(entry: dict) -> dict[str, dict]:
     return {name: data for name, data in entry.get("status", {}).get("messages", [])}
 
 
+def finished(server: ComfyServer, prompt: dict, timeout: float = 600) -> tuple[dict, dict[str, dict]]:
+    """Queue ``prompt`` and wait for it; assert that it succeeded (ComfyUI's execution error is the
+    failure message). Returns its ``/history`` entry and that entry's :func:`status_messages`."""
+    entry = server.wait_for(server.queue_prompt(prompt), timeout)
+    messages = status_messages(entry)
+    assert entry["status"]["status_str"] == "success", json.dumps(messages.get("execution_error"))[:3000]
+    return entry, messages
+
+
+def shared_tiny_checkpoint(tmp_path_factory: Any) -> Path:
+    """The folder holding the tiny checkpoint (built once per test session for ``COMFYUI_PATH``),
+    shared by every test module that starts a server: pass it as ``checkpoint_dir``."""
+    checkpoints = tmp_path_factory.getbasetemp() / "moe_tiny_checkpoint"
+    build_tiny_checkpoint(os.environ["COMFYUI_PATH"], checkpoints)
+    return checkpoints
+
+
+def tiny_text_to_image(server: ComfyServer, sampler: dict[str, Any]) -> dict:
+    """The example workflow "MoE Text to Image" as an API prompt for ``server``, on the tiny checkpoint
+    and a 64x64 latent, with the ``sampler`` widget values set on its MoE Adaptive Sampler."""
+    path = PACK_ROOT / "example_workflows" / "MoE Text to Image.json"
+    prompt = workflow_to_prompt(json.loads(path.read_text(encoding="utf-8")), server.object_info())
+    small = {"CheckpointLoaderSimple": {"ckpt_name": TINY_CHECKPOINT_NAME},
+             "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+             "MoEAdaptiveSampler": sampler}
+    for node in prompt.values():
+        node["inputs"].update(small.get(node["class_type"], {}))
+    return prompt
+
+
 # ------------------------------------------------------------------------------- websocket client
 
 
