@@ -92,7 +92,7 @@ def _initial_router(plan: TrainingPlan, save_path: Path, checkpoint: Path) -> An
 
     if plan.resume and not checkpoint.exists() and save_path.exists():
         try:
-            router = Router.load(save_path)  # fine-tune the saved router
+            router = Router.load(save_path, label=save_path.name)  # fine-tune the saved router
         except RouterLoadError as exc:
             raise ValueError(f"resume: cannot continue from {save_path.name}: {exc}; turn resume off") from None
     else:
@@ -237,7 +237,8 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
         if not checkpoint.exists():
             raise
         # A checkpoint of another pool or mode, or of an older feature version.
-        raise ValueError(f"resume: {exc}; turn resume off to start a new training run") from None
+        reason = str(exc).replace(str(checkpoint), checkpoint.name)  # the message reaches the browser: no paths
+        raise ValueError(f"resume: {reason}; turn resume off to start a new training run") from None
     resumed_from = trainer.episode
     if resumed_from > plan.episodes:
         raise TrainingInputError(
