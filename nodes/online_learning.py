@@ -504,6 +504,7 @@ def _learn_node() -> Any:
                                                  "main built-in experts."),
                 ],
                 outputs=[io.String.Output(display_name="report", tooltip="What the update did.")],
+                is_output_node=True,  # queued on its own, it must run: its work is the update, not the text
                 not_idempotent=True,
             )
 

@@ -164,6 +164,7 @@ def test_learn_from_runs_node(env, tmp_path):
     node = online.nodes()[0]
     schema = node.define_schema()
     assert schema.node_id == "MoELearnFromRuns" and schema.not_idempotent
+    assert schema.is_output_node  # queued alone (no consumer), ComfyUI must still run it
     assert all(i.tooltip for i in schema.inputs)
     store = paths.stats_store()
     for seed in range(3):  # a few logged runs of this model in the process-wide store
