@@ -7,6 +7,7 @@ them from ``GET /moe_sampler/labels``) all use these. Pure Python: the caller pa
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from .store import StatsStore, StatsStoreError
@@ -55,7 +56,7 @@ def stats_payload(store: StatsStore, router: str | None = None) -> dict[str, Any
         stats = store.expert_stats(router=name)
     except (StatsStoreError, OSError) as exc:
         health = health_of(probe=False) if health_of else {}
-        return {"router": name, "experts": [], "runs": 0, "healthy": False, "problem": str(exc),
+        return {"router": name, "experts": [], "runs": 0, "healthy": False, "problem": _without_folders(exc),
                 "notice": health.get("notice"), "dropped": health.get("dropped", 0),
                 "waiting": health.get("waiting", 0)}
     health = health_of() if health_of else {"healthy": store.problem is None, "problem": store.problem}
@@ -76,6 +77,15 @@ def _store_lines(payload: dict[str, Any]) -> list[str]:
     if dropped:
         lines.append(f"{dropped} run{'s' if dropped != 1 else ''} could not be recorded (dropped); see the log")
     return lines
+
+
+def _without_folders(exc: BaseException) -> str:
+    """The error's text with every file it names cut to the file name (the payload goes out over HTTP)."""
+    text = str(exc)
+    for path in (getattr(exc, "filename", None), getattr(exc, "filename2", None)):
+        if isinstance(path, (str, os.PathLike)) and str(path):
+            text = text.replace(str(path), os.path.basename(str(path)))
+    return text
 
 
 def stats_text(payload: dict[str, Any]) -> str:

@@ -52,3 +52,16 @@ def test_router_filter_maps_the_dropdown_to_store_labels():
     assert report.router_filter(None) is None and report.router_filter("(all)") is None
     assert report.router_filter("(built-in default)") == "default"
     assert report.router_filter("x.safetensors") == "x.safetensors"
+
+
+def test_stats_payload_problem_names_no_folder():
+    # issue 9, defect 7: the stats payload goes out over HTTP; an OSError names the store by its path
+    class Unreadable:
+        problem = None
+
+        def expert_stats(self, router=None):
+            raise PermissionError(13, "Permission denied", "/srv/comfy/user/__moe_sampler/stats.sqlite3")
+
+    payload = report.stats_payload(Unreadable())
+    assert payload["healthy"] is False
+    assert "stats.sqlite3" in payload["problem"] and "/srv/comfy" not in payload["problem"]
