@@ -52,8 +52,8 @@ TOOLTIPS = {
     "temperature": "Exploration: 0 always takes the best-scored expert; higher values sometimes try others "
                    "(seeded by seed), which helps the router learn. The learned router explores on its own "
                    "(5% of runs, logged) and ignores it.",
-    "audit_rate": "Share of runs that are audited: after the expert, the reference (100 steps) also runs from "
-                  "the same noise, so the run gets its exact quality for the stats and the learning loop. The "
+    "audit_rate": "Share of runs that are audited: after the expert, the reference (a Dormand-Prince solve of at "
+                  "most 400 model calls) also runs from the same noise, so the run gets its exact quality for the stats and the learning loop. The "
                   "output is the expert's either way; an audited run takes longer (shown on the node). "
                   "0 turns audits off.",
     "denoise": "How much of the schedule to run, as in KSampler: 1.0 for txt2img, lower to keep more of "
