@@ -100,13 +100,11 @@ class AdaptiveRun:
 
     def explain(self) -> dict:
         """What the router expected from every pool expert, the pick's lead, router and settings."""
-        details = why.explain(self.selection, self.pool, self.priority, self.report)
-        details["router"] = self.router_info or {"label": self.router}
-        ran = next((e for e in self.pool if e.name == self.report.expert), None)
-        if ran is None and self.report.expert in expert_names(include_compat=True):
-            ran = get_expert(self.report.expert)  # the fallback expert, outside the pool
-        details["settings"] = why.settings(ran) if ran is not None else {"name": self.report.expert}
-        return details
+        ran = next((e for e in self.pool if e.name == self.report.expert), self.report.expert)
+        if isinstance(ran, str) and ran in expert_names(include_compat=True):
+            ran = get_expert(ran)  # the fallback expert, outside the pool
+        return why.record_details(self.selection, self.pool, self.priority, self.router_info or {"label": self.router},
+                                  ran, self.report)
 
     def ui(self) -> dict:
         """Node payload: ``ui.moe_run`` (run info with ``why``) and ``ui.text`` (summary and table)."""

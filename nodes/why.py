@@ -121,12 +121,14 @@ def explain(selection: Any, pool: Sequence[Any], priority: float, report: Any = 
     return out
 
 
-def record_details(selection: Any, pool: Sequence[Any], priority: float, router: dict, expert: Any) -> dict:
-    """The stats row's ``details``: :func:`explain` (without time estimates: the run has not
-    happened yet when the row is prepared), the router's name and version, the expert's settings."""
-    details = explain(selection, pool, priority)
+def record_details(selection: Any, pool: Sequence[Any], priority: float, router: dict, expert: Any,
+                   report: Any = None) -> dict:
+    """:func:`explain`, the router's name and version and the settings of ``expert`` (or just its
+    name when it is a plain string). Without ``report`` (the stats row, prepared before the run)
+    there are no time estimates; with it (the node's payload) they come from the run's seconds."""
+    details = explain(selection, pool, priority, report)
     details["router"] = router
-    details["settings"] = settings(expert)
+    details["settings"] = {"name": expert} if isinstance(expert, str) else settings(expert)
     return details
 
 
