@@ -63,7 +63,15 @@ TOOLTIPS = {
                        "Dormand-Prince solve (a different family from the experts) with at most 4x this many "
                        "model calls per context (400 for 100). A context that needs more ends with a coarser "
                        "reference; the report counts those. Raise it for stiff models or high cfg.",
+    "farm_job": "Off (default): train on this machine alone. On: share the training with every ComfyUI worker "
+                "that runs this node with the same inputs on the same stats store (a PostgreSQL database for a "
+                "farm, or this machine's store): each worker sweeps contexts nobody else has, the rows go to the "
+                "shared store, and when all are done one worker trains the router from all of them and adopts "
+                "it for every worker. Needs mode 'full sweep'; resume does not apply (the farm resumes where it "
+                "is). docs/STATS.md, 'Training spread over a farm'.",
 }
+FARM_LEASE_VARIABLE = "MOE_SAMPLER_FARM_LEASE_SECONDS"
+FARM_LEASE = 900.0  # seconds a worker's claim on a context lives without an expert run finishing
 
 
 # ------------------------------------------------------------------------------------- training
@@ -80,6 +88,7 @@ class TrainingOutcome:
     episodes: int
     resumed_from: int
     runs_recorded: int
+    farm: Any = None  # router.farm.FarmResult in farm mode
 
 
 def checkpoint_path(router_file: str) -> Path:
@@ -118,7 +127,8 @@ def _record_run(store: Any, label: str, mode: str, run: ExpertRunReport) -> bool
 
 
 def train_router(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any] | None = None,
-                 node_id: Any = None, reference_steps: int = REFERENCE_STEPS) -> TrainingOutcome:
+                 node_id: Any = None, reference_steps: int = REFERENCE_STEPS,
+                 farm_job: bool = False) -> TrainingOutcome:
     """Train (or resume) a router on the workflow's model and save it to ``models/moe_routers``.
 
     Interruption (ComfyUI's Cancel) is checked between episodes and at every sampling step.
@@ -127,12 +137,17 @@ def train_router(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequenc
     ``resume``; the router file is written only when training completes (atomically too), and
     the interrupt is re-raised for ComfyUI to report. Every fresh expert run is recorded in the
     stats store with source "training" and the router's file name.
+
+    With ``farm_job`` the work is shared with the other workers on the same store
+    (:func:`train_on_farm`).
     """
     import torch
 
     # ComfyUI runs nodes in inference mode; the router's weights need autograd (sampling inside
     # the environment re-enters inference mode).
     with torch.inference_mode(False), torch.enable_grad():
+        if farm_job:
+            return train_on_farm(model, clip, plan, expert_pool, node_id, reference_steps)
         return _train(model, clip, plan, expert_pool, node_id, reference_steps)
 
 
@@ -267,6 +282,197 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
                            result.episodes, resumed_from, recorded[0])
 
 
+# ------------------------------------------------------------------------------------- farm jobs
+
+
+def farm_contexts(plan: TrainingPlan) -> tuple[list[Any], int]:
+    """A farm job's contexts, numbered the same on every worker: ``episodes`` of the plan's
+    contexts (all of them when there are fewer) in a shuffled order seeded by :data:`TRAINING_SEED`;
+    and how many contexts the plan has in all."""
+    import random
+
+    contexts = training_contexts(len(plan.prompts), plan.sizes, plan.cfgs, plan.seeds_per_prompt)
+    order = list(range(len(contexts)))
+    random.Random(TRAINING_SEED).shuffle(order)
+    return [contexts[i] for i in order[:min(plan.episodes, len(contexts))]], len(contexts)
+
+
+def farm_spec(plan: TrainingPlan, pool: Sequence[Any], model_key: str, reference_steps: int) -> dict[str, Any]:
+    """What a farm job is: every input that changes its contexts, their rows or the update (its key hashes this)."""
+    from ..router.features import FEATURE_VERSION
+
+    return {
+        "kind": "MoERouterTrainer full sweep", "feature_version": FEATURE_VERSION, "model": model_key,
+        "prompts": list(plan.prompts), "negative": plan.negative, "sizes": [list(s) for s in plan.sizes],
+        "cfgs": list(plan.cfgs), "seeds_per_prompt": plan.seeds_per_prompt, "episodes": plan.episodes,
+        "reference_steps": reference_steps, "experts": [[e.name, repr(e.descriptor)] for e in pool],
+        "router": plan.router_name, "seed": TRAINING_SEED,
+    }
+
+
+def farm_lease() -> float:
+    """``$MOE_SAMPLER_FARM_LEASE_SECONDS`` (default :data:`FARM_LEASE`): how long a claim lives
+    between two finished expert runs before another worker may retake the context."""
+    import os
+
+    raw = os.environ.get(FARM_LEASE_VARIABLE, "").strip()
+    try:
+        return max(float(raw), 1.0) if raw else FARM_LEASE
+    except ValueError:
+        logger.warning("%s=%r is not a number of seconds; using %g", FARM_LEASE_VARIABLE, raw, FARM_LEASE)
+        return FARM_LEASE
+
+
+def train_on_farm(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any] | None, node_id: Any,
+                  reference_steps: int) -> TrainingOutcome:
+    """The trainer as one worker of a farm job (docs/STATS.md, "Training spread over a farm").
+
+    The job's key hashes the inputs (:func:`farm_spec`), so every worker running the node with the
+    same inputs on the same stats store joins the same job. This worker claims contexts nobody
+    has, sweeps every expert on each and writes its rows with the claim in one transaction; then
+    waits for the others (retaking the context of a worker that died once its claim's lease runs
+    out); the worker that sees the last context done trains the router from all the job's rows
+    and adopts it through the router registry (the farm's database, or the routers folder).
+    """
+    import comfy.model_management
+
+    from ..router.farm import UPDATES_PER_EPISODE, adopt, context_priority, run_farm_worker, sweep_context
+    from ..router.farm import train_from_runs
+    from ..router.versions import check_registry_name
+    from ..stats.claims import FarmJob, job_key
+    from .online_learning import model_fingerprint, registry
+
+    if plan.mode != "sweep":
+        raise TrainingInputError("farm_job: a farm job runs in mode 'full sweep' (a bandit episode depends on the "
+                                 "router trained so far, so it cannot be shared); set mode to 'full sweep' or turn "
+                                 "farm_job off")
+    pool = list(comfy_experts.check_pool(default_pool() if expert_pool is None else expert_pool))
+    check_sizes_fit(model, plan.sizes)
+    save_path = paths.router_save_path(plan.router_name, "router_name")
+    name = check_registry_name(plan.router_name[: -len(".safetensors")])
+    model_key = model_fingerprint(model)
+    contexts, total = farm_contexts(plan)
+    spec = farm_spec(plan, pool, model_key, reference_steps)
+    key = job_key(spec)
+    store = paths.stats_store()
+    routers = registry()
+    job = FarmJob(store, key, len(contexts), spec, lease=farm_lease())
+    progress = TrainingProgress(len(contexts), len(pool), node_id, model)
+
+    def on_run(run: ExpertRunReport) -> None:
+        progress.expert_run(environment.last_samples if run.success else None)
+
+    environment = _PreviewingEnvironment(model, clip, plan.prompts, plan.negative, contexts, reference_steps, on_run,
+                                         priority=plan.priority)
+
+    def sweep(index: int, renew: Any) -> list[Any]:
+        return sweep_context(environment, contexts[index], pool, context_priority(key, index), job=key, index=index,
+                             router_label=save_path.name, model=model_key, after_run=renew)
+
+    def update(runs: list[Any]) -> int:
+        router = train_from_runs(runs, pool, steps=UPDATES_PER_EPISODE * plan.episodes, seed=TRAINING_SEED)
+        router.name = save_path.stem
+        router.training["model"] = model_key  # the sampler warns when used on another model
+        return adopt(routers, name, router, key)
+
+    try:
+        progress.episode_done(job.open().done)
+        result = run_farm_worker(job, sweep, update, should_stop=comfy.model_management.processing_interrupted,
+                                 poll=1.0, on_context=lambda context, written: progress.episode_done(
+                                     job.progress().done))
+    finally:
+        job.close()
+    if result.stopped:
+        logger.info("MoE farm job %s: this worker was interrupted after sweeping %d contexts; the farm has done "
+                    "%d of %d", key, result.swept, result.done, result.contexts)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise comfy.model_management.InterruptProcessingException()
+    runs = FarmJob(store, key, len(contexts)).runs()
+    router = routers.load(name, result.version) if result.version else None
+    report = farm_report(plan, save_path.name, name, pool, result, runs, router, total, store.label)
+    curve = farm_curve(runs, router, pool, save_path.name)
+    return TrainingOutcome(save_path.name, save_path, curve, report, result.contexts, 0, result.swept * len(pool),
+                           farm=result)
+
+
+def _farm_scores(runs: Sequence[Any], router: Any, pool: Sequence[Any]) -> list[tuple[int, float, float]]:
+    """Per context of the job's rows: ``(context, best expert's score, the router's pick's score)`` at the
+    context's priority (score = quality - price of model calls; NaN without a router)."""
+    import torch
+
+    from ..router.policy import cost_from_nfe, lambda_from_priority
+
+    by_context: dict[int, dict[str, Any]] = {}
+    for run in runs:
+        context = int(((run.details_dict() or {}).get("farm") or {}).get("context", -1))
+        by_context.setdefault(context, {})[run.expert] = run
+    out = []
+    for context in sorted(by_context):
+        rows = by_context[context]
+        priority = next(iter(rows.values())).priority or 0.5
+        price = lambda_from_priority(priority)
+        score = {e: ((r.quality or 0.0) if r.success else 0.0) - price * float(cost_from_nfe(r.nfe))
+                 for e, r in rows.items()}
+        picked = math.nan
+        state = next(iter(rows.values())).state
+        if router is not None and state is not None:
+            choice = router.select(torch.tensor(state), pool, priority=priority).expert
+            picked = score.get(choice, math.nan)
+        out.append((context, max(score.values()), picked))
+    return out
+
+
+def farm_curve(runs: Sequence[Any], router: Any, pool: Sequence[Any], router_file: str) -> Any:
+    """The farm job's chart: per context, the best expert's score and the adopted router's pick's."""
+    from ..stats.charts import line_chart
+
+    scores = _farm_scores(runs, router, pool)
+    x = [context + 1 for context, _, _ in scores]
+    series = {"best expert": (x, [best for _, best, _ in scores])}
+    if router is not None:
+        series["adopted router's pick"] = (x, [picked for _, _, picked in scores])
+    return line_chart(series, title=f"Farm training: {router_file}", xlabel="context of the job", integer_x=True,
+                      ylabel="score = quality (0-1) - price of model calls")
+
+
+def farm_report(plan: TrainingPlan, router_file: str, name: str, pool: Sequence[Any], result: Any,
+                runs: Sequence[Any], router: Any, total: int, store_label: str) -> str:
+    """What this worker did in the farm job, what the farm did, and the adopted router."""
+    lines = [
+        f"Farm job {result.job}: {result.contexts} contexts (episodes {plan.episodes} of the {total} "
+        f"prompt x size x cfg x seed combinations); pool: {', '.join(e.name for e in pool)}.",
+        f"This worker swept {result.swept} context{'s' if result.swept != 1 else ''}"
+        + (f" ({result.lost} more were retaken by other workers after this worker's claim ran out; their rows "
+           f"were discarded)" if result.lost else "")
+        + f"; the farm has done {result.done} of {result.contexts} ({result.rows} rows in {store_label}).",
+    ]
+    if result.ran_update:
+        lines.append(f"Final update: ran on this worker, trained on all {result.rows} rows; router {router_file} "
+                     f"v{result.version} adopted.")
+    elif result.version is not None:
+        lines.append(f"Final update: ran on worker {result.update_worker}; router {router_file} v{result.version} "
+                     f"adopted.")
+    else:
+        lines.append(f"Final update: not run yet (job {result.state}).")
+    lines.append(f"Router {router_file} in models/{paths.ROUTER_FOLDER} follows the adopted version "
+                 f"(every version in {name}.versions/). The job is done: queueing it again trains nothing; change "
+                 f"an input (e.g. router_name or episodes) for a new job.")
+    by_expert: dict[str, list[Any]] = {}
+    for run in runs:
+        by_expert.setdefault(run.expert, []).append(run)
+    lines += ["", "Measured by the farm (quality against the reference, from the job's rows):",
+              f"{'expert':<24}{'runs':>5}{'quality':>9}{'NFE':>6}{'sec':>8}"]
+    for expert, rows in by_expert.items():
+        ok = [r for r in rows if r.success]
+        lines.append(f"{expert[:23]:<24}{len(rows):>5}{_mean(r.quality for r in ok if r.quality is not None):>9.3f}"
+                     f"{_mean(r.nfe for r in ok):>6.0f}{_mean(r.seconds for r in ok):>8.2f}")
+    scores = _farm_scores(runs, router, pool)
+    if router is not None and scores:
+        lines += ["", f"Mean score over the job's contexts: router's pick {_mean(p for _, _, p in scores):.3f}, "
+                      f"best expert {_mean(b for _, b, _ in scores):.3f}."]
+    return "\n".join(lines)
+
+
 def training_curve(result: Any, router_file: str) -> Any:
     """The learning curve: score of the router's pick and of the best expert, smoothed.
 
@@ -365,6 +571,7 @@ class MoERouterTrainer(io.ComfyNode):
                 io.Int.Input("reference_steps", default=REFERENCE_STEPS, min=10, max=1000,
                              tooltip=t["reference_steps"]),
                 ExpertPoolType.Input("expert_pool", optional=True, tooltip=t["expert_pool"]),
+                io.Boolean.Input("farm_job", default=False, optional=True, tooltip=t["farm_job"]),
             ],
             outputs=[
                 io.String.Output("router", tooltip="File name of the saved router (pick it in MoE Adaptive Sampler)."),
@@ -399,12 +606,14 @@ class MoERouterTrainer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, prompts, negative_prompt, sizes, cfg_values, priority, episodes, seeds_per_prompt,
-                mode, router_name, resume, reference_steps=REFERENCE_STEPS, expert_pool=None) -> io.NodeOutput:
+                mode, router_name, resume, reference_steps=REFERENCE_STEPS, expert_pool=None,
+                farm_job=False) -> io.NodeOutput:
         from ..stats.charts import image_to_comfy_tensor
 
         plan = TrainingPlan.from_inputs(prompts, negative_prompt, sizes, cfg_values, priority, episodes,
                                         seeds_per_prompt, mode, router_name, resume)
-        outcome = train_router(model, clip, plan, expert_pool, getattr(cls.hidden, "unique_id", None), reference_steps)
+        outcome = train_router(model, clip, plan, expert_pool, getattr(cls.hidden, "unique_id", None), reference_steps,
+                               farm_job=bool(farm_job))
         return io.NodeOutput(outcome.router_file, image_to_comfy_tensor(outcome.curve), outcome.report,
                              ui=ui.PreviewText(outcome.report))
 

@@ -38,12 +38,13 @@ class Backend:
     kind = "abstract"
     label = "the stats store"
     table = "runs"
+    prefix = ""  # what ``{schema}.`` becomes in SQL: "" (SQLite) or the PostgreSQL schema and a dot
     placeholder = "?"
     errors: tuple[type[BaseException], ...] = (OSError,)
 
     def sql(self, text: str) -> str:
-        """``text`` with ``{table}`` filled in and ``?`` placeholders in the driver's style."""
-        text = text.replace("{table}", self.table)
+        """``text`` with ``{table}`` and ``{schema}.`` filled in and ``?`` placeholders in the driver's style."""
+        text = text.replace("{table}", self.table).replace("{schema}.", self.prefix)
         return text if self.placeholder == "?" else text.replace("?", self.placeholder)
 
     def prepare(self) -> str | None:

@@ -37,7 +37,7 @@ MIN_NFE, MIN_SECONDS = 1.0, 1e-3  # cost floors: a run with no model call (denoi
 COLUMNS = (
     "created", "source", "expert", "router", "state", "priority", "nfe", "steps",
     "seconds", "quality", "success", "confidence", "propensity", "error", "seed",
-    "quality_source", "error_estimate", "model", "details", "audit_seconds",
+    "quality_source", "error_estimate", "model", "details", "audit_seconds", "job",
 )  # fmt: skip
 # name: (low, high, low excluded, None allowed)
 _BOUNDS = {
@@ -76,6 +76,7 @@ class RunRecord:
             expert's settings and the router version; kept as compact JSON text (at most
             65536 characters), or None. :meth:`details_dict` parses it back.
         audit_seconds: extra wall seconds an audit of this run took (>= 0), or None.
+        job: the farm training job whose sweep wrote this run (:mod:`moe_sampler.stats.claims`), or None.
     """
 
     expert: str
@@ -98,6 +99,7 @@ class RunRecord:
     model: str | None = None
     details: str | None = None
     audit_seconds: float | None = None
+    job: str | None = None
 
     def details_dict(self) -> dict[str, Any] | None:
         """:attr:`details` as a dict, or None."""
@@ -113,8 +115,10 @@ class RunRecord:
             raise ValueError(f"RunRecord.success must be True or False, got {self.success!r}")
         if self.error is not None and not isinstance(self.error, str):
             raise ValueError(f"RunRecord.error must be a string or None, got {self.error!r}")
-        if self.model is not None and (not isinstance(self.model, str) or not self.model):
-            raise ValueError(f"RunRecord.model must be a non-empty string or None, got {self.model!r}")
+        for name in ("model", "job"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"RunRecord.{name} must be a non-empty string or None, got {value!r}")
         if self.quality_source is not None and self.quality_source not in QUALITY_SOURCES:
             raise ValueError(
                 f"RunRecord.quality_source must be one of {', '.join(QUALITY_SOURCES)} or None; got {self.quality_source!r}"

@@ -24,7 +24,7 @@ from .backend import BUSY, DAMAGED, OTHER, Backend, StatsStoreError
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteBackend", "check_file"]
 
 logger = logging.getLogger(__name__)
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # MIGRATIONS[i] takes a database from schema v{i} to v{i + 1}. Append steps; never edit a shipped one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -47,6 +47,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE runs ADD COLUMN details TEXT",
         "ALTER TABLE runs ADD COLUMN audit_seconds REAL",
         "CREATE INDEX runs_by_model ON runs (model, router)",
+    ),
+    (
+        # Training spread over a farm (stats/claims.py): a job's sweep rows, its contexts' claims.
+        "ALTER TABLE runs ADD COLUMN job TEXT",
+        "CREATE INDEX runs_by_job ON runs (job)",
+        """CREATE TABLE farm_jobs (job TEXT PRIMARY KEY, created REAL NOT NULL, spec TEXT NOT NULL,
+        contexts INTEGER NOT NULL, next_context INTEGER NOT NULL, state TEXT NOT NULL, worker TEXT, token TEXT,
+        lease REAL, version INTEGER, finished REAL)""",
+        """CREATE TABLE farm_contexts (job TEXT NOT NULL, context INTEGER NOT NULL, state TEXT NOT NULL,
+        worker TEXT NOT NULL, token TEXT NOT NULL, lease REAL NOT NULL, attempts INTEGER NOT NULL,
+        runs INTEGER, finished REAL, PRIMARY KEY (job, context))""",
     ),
 )
 HEADER = b"SQLite format 3\x00"

@@ -219,7 +219,7 @@ def test_migrates_a_v1_database_without_losing_rows(target):
     assert [r.created for r in runs[:5]] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert all(r.seed is None and r.router == "v1" for r in runs[:5]) and runs[5].seed == 42
     if target.kind == "sqlite":
-        assert target.execute("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
+        assert target.execute("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 4
         indexes = {row[1] for row in target.execute("PRAGMA index_list(runs)")}
     else:
         assert target.execute(f"SELECT value FROM {target.schema}.meta")[0][0] == str(SCHEMA_VERSION)

@@ -380,3 +380,55 @@ def test_training_state_is_the_sampling_state_on_a_16_channel_model(fake_bridge,
     four_channel = state_from_conditioning(env.conditioning(0), env.conditioning(None), (1, 4, 96, 64), 4.5, 1.0,
                                            "eps", 0.7, "training")
     assert not torch.equal(training, four_channel)  # what training used to see
+
+
+# ------------------------------------------------------------------------------ farm jobs (ComfyUI)
+
+
+@pytest.mark.comfyui
+def test_the_trainer_node_as_a_farm_worker(tiny_comfy, tmp_path, monkeypatch):
+    """farm_job on: the contexts are claimed in the store, their rows written with the job, the router
+    adopted through the registry (a version file plus the followed file); asked again, the done
+    job sweeps nothing and reports the adopted version; bandit mode is refused naming farm_job."""
+    from helpers.comfy_env import use_temp_dirs
+
+    from moe_sampler.nodes import paths, training_nodes
+    from moe_sampler.router.model import Router
+
+    use_temp_dirs(tmp_path)
+    monkeypatch.delenv(paths.DATABASE_URL_VARIABLE, raising=False)
+    fake = FakeBridge()
+    monkeypatch.setattr(bridge, "sample_with_expert", fake.sample_with_expert)
+    monkeypatch.setattr(comfy_experts, "model_family", lambda model: "eps")
+    pool = [get_expert("SpeedDemon"), get_expert("BalancedMaster")]
+    inputs = dict(prompts="a cat\na dog", negative_prompt="blurry", sizes="16x16", cfg_values="3", priority=0.5,
+                  episodes=3, seeds_per_prompt=2, mode="full sweep", router_name="farmed", resume=True)
+    plan = TrainingPlan.from_inputs(**inputs)
+
+    first = training_nodes.train_router(fake.model, FakeClip(), plan, pool, reference_steps=20, farm_job=True)
+    farm = first.farm
+    assert (farm.contexts, farm.swept, farm.lost, farm.done, farm.rows) == (3, 3, 0, 3, 6)
+    assert farm.ran_update and farm.version == 1 and farm.state == "done"
+    assert first.runs_recorded == 6 and first.router_file == "farmed.safetensors"
+    assert "This worker swept 3 contexts; the farm has done 3 of 3 (6 rows" in first.report
+    assert "Final update: ran on this worker, trained on all 6 rows; router farmed.safetensors v1 adopted" in first.report
+    routers = tmp_path / "models" / "moe_routers"
+    adopted = Router.load(routers / "farmed.safetensors")
+    assert adopted.training["farm_job"] == farm.job and adopted.training["version"] == 1
+    assert (adopted.training["contexts"], adopted.training["runs"]) == (3, 6)
+    assert (routers / "farmed.versions" / "v0001.safetensors").is_file()
+    rows = [r for r in paths.stats_store().runs() if r.job == farm.job]
+    assert len(rows) == 6 and {r.router for r in rows} == {"farmed.safetensors"}
+    assert sorted((r.details_dict()["farm"]["context"], r.expert) for r in rows) == sorted(
+        (c, e.name) for c in range(3) for e in pool)
+    calls = len(fake.calls)
+
+    again = training_nodes.train_router(fake.model, FakeClip(), plan, pool, reference_steps=20, farm_job=True)
+    assert (again.farm.swept, again.farm.ran_update, again.farm.version) == (0, False, 1)
+    assert len(fake.calls) == calls, "a done job was swept again"
+    assert "This worker swept 0 contexts" in again.report and "v1 adopted" in again.report
+    assert [p.name for p in (routers / "farmed.versions").iterdir()] == ["v0001.safetensors"]
+
+    bandit = TrainingPlan.from_inputs(**{**inputs, "mode": "bandit"})
+    with pytest.raises(TrainingInputError, match="^farm_job: a farm job runs in mode 'full sweep'"):
+        training_nodes.train_router(fake.model, FakeClip(), bandit, pool, reference_steps=20, farm_job=True)
