@@ -6,6 +6,8 @@
 #   eval "$(.ci/postgres.sh start)"   # prints: export MOE_SAMPLER_TEST_DATABASE_URL=postgresql://...
 #   .ci/postgres.sh url               # the URL of the running server
 #   .ci/postgres.sh restart           # the same server stopped and started again
+#   .ci/postgres.sh halt              # stops the server, keeping its files (a database that went away)
+#   .ci/postgres.sh resume            # starts a halted server again: same port, same data
 #   .ci/postgres.sh stop              # stops it and deletes its files
 #
 # The cluster lives in $MOE_SAMPLER_PG_DIR (default /tmp/moe_sampler_pg-<uid>). Run as root,
@@ -56,6 +58,13 @@ fi
 
 url() { echo "postgresql://$superuser@127.0.0.1:$(cat "$dir/port")/$database"; }
 
+# Start the cluster in $dir/data on port $2 with the programs of folder $1.
+launch() {
+  as_owner "$1/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+    -o "-c listen_addresses=127.0.0.1 -p $2 -k $dir -c fsync=off -c max_connections=200" start >&2 \
+    || { tail -n 40 "$dir/server.log" >&2; log "the server did not start"; exit 1; }
+}
+
 running() {
   [ -f "$dir/port" ] && [ -d "$dir/data" ] && as_owner "$(bindir)/pg_ctl" -D "$dir/data" status >/dev/null 2>&1
 }
@@ -74,9 +83,7 @@ case "$command" in
     port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     as_owner "$bin/initdb" -D "$dir/data" -U "$superuser" --auth=trust --encoding=UTF8 --locale=C.UTF-8 \
       >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; log "initdb failed"; exit 1; }
-    as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-      -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c max_connections=200" start >&2 \
-      || { tail -n 40 "$dir/server.log" >&2; log "the server did not start"; exit 1; }
+    launch "$bin" "$port"
     as_owner "$bin/createdb" -h 127.0.0.1 -p "$port" -U "$superuser" "$database" >&2 \
       || { as_owner "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >&2; log "createdb failed"; exit 1; }
     echo "$port" >"$dir/port"
@@ -86,6 +93,20 @@ case "$command" in
   restart)  # same port, same data (for tests of a database that goes away and comes back)
     running || { log "no server running in $dir"; exit 1; }
     as_owner "$(bindir)/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m fast -w restart >&2
+    ;;
+  halt)  # stopped, its files kept: `resume` brings back the same server (tests of a database that goes away)
+    running || { log "no server running in $dir"; exit 1; }
+    as_owner "$(bindir)/pg_ctl" -D "$dir/data" -m fast -w stop >&2
+    log "halted; its files are kept in $dir (resume starts it again)"
+    ;;
+  resume)  # a halted server started again: same port, same data
+    if running; then
+      log "already running in $dir"
+      exit 0
+    fi
+    [ -f "$dir/port" ] && [ -d "$dir/data" ] || { log "no halted server in $dir"; exit 1; }
+    launch "$(bindir)" "$(cat "$dir/port")"
+    log "resumed on 127.0.0.1:$(cat "$dir/port")"
     ;;
   url)
     running || { log "no server running in $dir"; exit 1; }
@@ -100,7 +121,7 @@ case "$command" in
     log "stopped; its files in $dir removed"
     ;;
   *)
-    echo "usage: $0 start|url|restart|stop   (cluster folder: \$MOE_SAMPLER_PG_DIR, default /tmp/moe_sampler_pg-<uid>)" >&2
+    echo "usage: $0 start|url|restart|halt|resume|stop   (cluster folder: \$MOE_SAMPLER_PG_DIR, default /tmp/moe_sampler_pg-<uid>)" >&2
     exit 2
     ;;
 esac

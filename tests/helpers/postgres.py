@@ -67,17 +67,56 @@ def database_url() -> str:
 def restart_server() -> None:
     """Stop and start the test server (same port, same data): the one started here, or CI's
     (``$MOE_SAMPLER_PG_DIR`` of ``.ci/postgres.sh``). Raises :class:`Unavailable` for any other server."""
-    folder = _state.get("folder") or (os.environ.get("MOE_SAMPLER_PG_DIR") if os.environ.get(VARIABLE) else None)
+    control_server("restart")
+
+
+def halt_server() -> None:
+    """Stop the test server, keeping its files (``.ci/postgres.sh halt``): clients find no server
+    until :func:`resume_server`. Callers resume it in a ``finally``: later tests need it."""
+    control_server("halt")
+
+
+def resume_server() -> None:
+    """Start the halted test server again: same port, same data (``.ci/postgres.sh resume``; a
+    running server is left as it is)."""
+    control_server("resume")
+
+
+def control_server(command: str) -> None:
+    """Run ``.ci/postgres.sh <command>`` on the test server: the one started here, or CI's
+    (``$MOE_SAMPLER_PG_DIR``). Raises :class:`Unavailable` for any other server."""
+    folder = _server_folder()
     if not folder:
-        raise Unavailable(f"cannot restart the server of {VARIABLE} (set MOE_SAMPLER_PG_DIR, see .ci/postgres.sh)")
+        raise Unavailable(f"cannot {command} the server of {VARIABLE} (set MOE_SAMPLER_PG_DIR, see .ci/postgres.sh)")
     env = {**os.environ, "MOE_SAMPLER_PG_DIR": str(folder)}
-    # Output to a file, not a pipe: the restarted server inherits the script's stderr and would
+    # Output to a file, not a pipe: a started server inherits the script's stderr and would
     # hold a pipe open for as long as it runs.
     with tempfile.TemporaryFile("w+") as log:
-        done = subprocess.run(["bash", str(SCRIPT), "restart"], env=env, stdout=log, stderr=log, timeout=120)
+        done = subprocess.run(["bash", str(SCRIPT), command], env=env, stdout=log, stderr=log, timeout=120)
         log.seek(0)
         if done.returncode != 0:
-            raise RuntimeError(f".ci/postgres.sh restart failed: {log.read().strip()[-1500:]}")
+            raise RuntimeError(f".ci/postgres.sh {command} failed: {log.read().strip()[-1500:]}")
+
+
+def _server_folder() -> str | None:
+    """The cluster folder of the test server: the one started here; else, for
+    ``$MOE_SAMPLER_TEST_DATABASE_URL``, ``$MOE_SAMPLER_PG_DIR`` or, when the URL is that of
+    ``.ci/postgres.sh start`` run without it (the README's command), the script's default folder."""
+    if _state.get("folder"):
+        return str(_state["folder"])
+    url = os.environ.get(VARIABLE, "").strip()
+    if not url:
+        return None
+    if os.environ.get("MOE_SAMPLER_PG_DIR"):
+        return os.environ["MOE_SAMPLER_PG_DIR"]
+    if not hasattr(os, "getuid"):  # .ci/postgres.sh is a POSIX shell script
+        return None
+    default = Path("/tmp") / f"moe_sampler_pg-{os.getuid()}"  # the script's default folder
+    try:
+        port = (default / "port").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return str(default) if url == f"postgresql://moe@127.0.0.1:{port}/moe_sampler_test" else None
 
 
 def unique_schema() -> str:
