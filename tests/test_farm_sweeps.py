@@ -263,7 +263,6 @@ def test_workers_killed_mid_episode_lose_no_row_and_sweep_no_context_twice(farm,
     by SIGKILL at a random moment; the other two finish. Every context is done exactly once, its
     rows are all there without duplicates, and one update adopted one version trained on all rows."""
     contexts = 12
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     started = time.monotonic()
     workers = {
         "dies": start_worker(farm, contexts, "dies", tmp_path, die_after_runs=3, slow=0.05),
