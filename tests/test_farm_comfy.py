@@ -1,7 +1,8 @@
 """Two real ComfyUI servers on one PostgreSQL database learn as one farm (issue 12, item 4): both
 sample through the MoE Adaptive Sampler with the learning loop on, server A's background update
 learns from the real rows of both servers, and the version it adopts is used by server B without
-a restart; the time from adoption to use is measured.
+a restart (the time from adoption to use is measured); then MoE Learn From Runs, queued on server B,
+learns on demand from every row of both servers again.
 
 Each server has its own base directory (its own routers folder): the version reaches server B
 only through the database. Server A updates its model's router after every ``LEARN_EVERY`` of its
@@ -22,13 +23,21 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 
 import pytest
 
 from helpers import postgres as pg_helper
-from helpers.comfy_server import ComfyServer, finished, shared_tiny_checkpoint, status_messages, tiny_text_to_image
+from helpers.comfy_server import (
+    TINY_CHECKPOINT_NAME,
+    ComfyServer,
+    finished,
+    shared_tiny_checkpoint,
+    status_messages,
+    tiny_text_to_image,
+)
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -157,7 +166,7 @@ def test_a_farm_learns_from_both_servers_and_the_other_server_uses_the_version(s
         runs_b += wait_runs(b, queue_runs(b, range(next_b, next_b + 8, 2)))
         next_b += 8
         records, rows = wait_stored(database, key, len(runs_a) + len(runs_b))
-    sampled = time.monotonic() - started
+    sampled, first = time.monotonic() - started, len(runs_a) + len(runs_b)
 
     # A's LEARN_EVERY-th run starts its background update, which reads every row of both servers
     trigger = sample(a, 2 * LEARN_EVERY)
@@ -172,7 +181,7 @@ def test_a_farm_learns_from_both_servers_and_the_other_server_uses_the_version(s
             if row is not None:
                 break
             updates = [line for line in a.log_text().splitlines() if "MoE online update:" in line]
-            assert not updates, f"server A's update did not adopt: {updates}"
+            assert all(": v1 adopted" in line for line in updates), f"server A's update did not adopt: {updates}"
             assert time.monotonic() < deadline, "server A's update did not finish"
             time.sleep(0.1)
     adopted_at, worker, training, data = row[0], row[1], json.loads(row[2]), bytes(row[3])
@@ -203,17 +212,28 @@ def test_a_farm_learns_from_both_servers_and_the_other_server_uses_the_version(s
     while used is None or used["learning"]["version"] != 1:
         assert time.monotonic() < deadline, f"server B still runs v{used['learning']['version']}"
         used = sample(b, seed=seed)
+        runs_b.append(used)
         seed += 2
     used_after = time.time() - adopted_at
     assert used["model"] == key and used["learning"]["version"] == 1
     assert (a.models_dir / "moe_routers" / "learned" / f"{key}.versions" / "v0001.safetensors").is_file()
     assert (b.models_dir / "moe_routers" / "learned" / f"{key}.versions" / "v0001.safetensors").is_file()
+    # on demand on server B (MoE Learn From Runs, queued alone: an output node): again every row of both servers
+    learn = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY_CHECKPOINT_NAME}},
+             "2": {"class_type": "MoELearnFromRuns", "inputs": {"model": ["1", 0]}}}
+    report = finished(b, learn)[0]["outputs"]["2"]["text"][0]
+    records, rows = wait_stored(database, key, len(runs_a) + len(runs_b))
+    counts = re.search(r"; (\d+) training rows, (\d+) held-out;", report)
+    assert report.startswith(f"{name}: ") and counts, report
+    assert int(counts[1]) + int(counts[2]) == len(rows) == len(records), report
+
     a_update = next(line for line in a.log_text().splitlines() if "MoE online update:" in line)
-    message = (f"{len(runs_a)} runs on server A and {len(runs_b)} on B in {sampled:.1f} s; A's update learnt from "
-               f"{online['train_rows']} + {online['heldout_rows']} held-out rows of both and adopted v1 "
-               f"{learned:.1f} s after its trigger was queued ({a_update.split('MoE online update: ')[-1][:160]}); "
+    a_update = a_update.split("MoE online update: ")[-1][:160]
+    message = (f"{len(runs_a)} runs on server A and {len(runs_b)} on B, the {first} before A's update in "
+               f"{sampled:.1f} s; A's update learnt from {online['train_rows']} + {online['heldout_rows']} held-out "
+               f"rows of both and adopted v1 {learned:.1f} s after its trigger was queued ({a_update}); "
                f"copied into server B's routers folder {copied_after:.2f} s after adoption, first run on B with v1 "
                f"finished {used_after:.2f} s after adoption (that run took {used['wall']:.2f} s from queueing to its "
-               f"end; poll {POLL} s; 2 shared CPU cores)")
+               f"end; poll {POLL} s; 2 shared CPU cores); MoE Learn From Runs on B: {report[:120]}")
     logger.warning(message)
     print(message)
