@@ -210,7 +210,11 @@ def run_farm_worker(job: FarmJob, sweep: Callable[[int, Callable[[], None]], lis
         token = job.take_update()
         if token is not None:
             logger.info("farm job %s: every context is done; %s runs the final update", job.key, job.worker)
-            version = update(job.runs())
+            try:
+                version = update(job.runs())
+            except BaseException:
+                job.release_update(token)  # another worker (or this one, queued again) takes it at once
+                raise
             ran_update = job.finish_update(token, version)
             if not ran_update:
                 logger.warning("farm job %s: the final update's lease ran out while it ran; another worker "

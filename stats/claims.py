@@ -360,6 +360,17 @@ class FarmJob:
             conn, "UPDATE {schema}.farm_jobs SET lease = {now} + ? WHERE job = ? AND token = ? AND state = 'training'",
             (self.update_lease, self.key, token)) == 1)
 
+    def release_update(self, token: str) -> None:
+        """Give the final update back at once (it failed or was interrupted): the next worker to ask takes it.
+        Never raises: a release that fails leaves the lease to run out."""
+        try:
+            self._retry(lambda conn: self._count(
+                conn, "UPDATE {schema}.farm_jobs SET lease = {now} - 1 "
+                "WHERE job = ? AND token = ? AND state = 'training'", (self.key, token)))
+        except Exception:
+            logger.warning("farm job %s: could not release the final update; its lease runs out in %g s", self.key,
+                           self.update_lease, exc_info=True)
+
     def finish_update(self, token: str, version: int | None) -> bool:
         """Mark the job done with the adopted ``version``; False when another worker took the update over."""
         return self._retry(lambda conn: self._count(
