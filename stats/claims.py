@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_LEASE = 300.0  # seconds a claim lives without renewal (a worker renews after every expert run)
 UPDATE_LEASE = 600.0  # seconds the final update may take before another worker retakes it
-RETRIES = 8  # attempts of one operation across dropped connections or busy locks
 _NOW = {"sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
         "postgresql": "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"}
 _INSERT = f"INSERT INTO {{table}} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
@@ -145,9 +144,10 @@ class FarmJob:
         return self._conn
 
     def _retry(self, work: Callable[[Any], T]) -> T:
-        """``work(conn)``; a dropped connection or a busy lock is retried with a fresh connection."""
-        delay = 0.05
-        for attempt in range(RETRIES):
+        """``work(conn)``; a dropped connection (a server restart) or a busy lock is retried with a fresh
+        connection for up to ``timeout`` seconds; then, or for any other fault, StatsStoreError."""
+        delay, deadline = 0.05, time.monotonic() + self.timeout
+        while True:
             try:
                 return work(self._connection())
             except self._errors as exc:
@@ -155,13 +155,12 @@ class FarmJob:
                 if self._conn is not None and kind == GONE:
                     self.backend.close(self._conn)
                     self._conn = None
-                if kind not in (BUSY, GONE) or attempt == RETRIES - 1:
+                if kind not in (BUSY, GONE) or time.monotonic() + delay > deadline:
                     raise StatsStoreError(f"farm job {self.key} in {self.store.label}: "
                                           f"{self.backend.describe(exc)}") from exc
                 logger.info("farm job %s: %s; retrying", self.key, self.backend.describe(exc))
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        raise AssertionError("unreachable")
 
     @contextlib.contextmanager
     def _transaction(self, conn: Any) -> Iterator[None]:

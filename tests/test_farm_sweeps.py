@@ -330,3 +330,30 @@ def test_workers_killed_mid_episode_lose_no_row_and_sweep_no_context_twice(farm,
     assert same_weights(adopted, train_from_runs(runs, pool(), steps=UPDATES_PER_EPISODE * contexts))
     watcher.close()
     store.close()
+
+
+def test_a_worker_rides_out_a_server_restart(tmp_path):
+    """PostgreSQL restarted while a worker sweeps: its connection is dropped, it reconnects, and the
+    job ends with every context done once and every row there once."""
+    url = postgres_url()
+    farm = {"kind": "postgresql", "where": url, "schema": pg_helper.unique_schema(), "folder": str(tmp_path)}
+    restarted = []
+
+    def restart(runs_done: int) -> None:
+        if runs_done == 3 and not restarted:  # mid-episode: after the first expert of the second context
+            try:
+                pg_helper.restart_server()
+            except pg_helper.Unavailable as exc:
+                pytest.skip(str(exc))
+            restarted.append(True)
+
+    try:
+        job, sweep, update, registry, store = make_worker(farm, 4, "solo", on_run=restart)
+        result = run_farm_worker(job, sweep, update, poll=0.05)
+        assert restarted
+        assert (result.swept, result.lost, result.done, result.rows, result.version) == (4, 0, 4, 8, 1)
+        assert sorted(pairs(job.runs())) == sorted((c, e) for c in range(4) for e in POOL)
+        job.close()
+        store.close()
+    finally:
+        pg_helper.drop_schema(url, farm["schema"])
