@@ -113,6 +113,7 @@ def test_database_stopped_and_restarted_while_sampling(server, database):
     from moe_sampler.router.model import Router
     from moe_sampler.router.pg_registry import PostgresRegistry
 
+    pid = server.process.pid
     before = [sample(server, seed) for seed in (1, 2)]
     key = before[0]["model"]
     assert all(run["learning"]["version"] == 0 for run in before)
@@ -170,6 +171,7 @@ def test_database_stopped_and_restarted_while_sampling(server, database):
     after = sample(server, 6)
     assert after["learning"]["version"] == 1, after["learning"]
     wait_for(lambda: len(stored_seeds(database)) == 6, 30, "the run after the outage was not stored")
+    assert server.process.pid == pid and server.process.poll() is None  # the same ComfyUI process throughout
     walls = lambda runs: ", ".join(f"{run['wall']:.2f}" for run in runs)  # noqa: E731
     message = (f"database halted for {outage_seconds:.1f} s while {len(outage)} runs sampled ({walls(during)} s "
                f"each, queueing to end; before: {walls(before)} s); MoE Stats while it was gone: {node_seconds:.2f} s; "
