@@ -21,12 +21,24 @@ control cannot resolve cheaply: that is where the cap binds (docs/ROUTER.md).
 :func:`reference_expert` wraps it as an :class:`~moe_sampler.experts.base.Expert` (not
 registered: never in a pool) with Karras sigmas, so ``Expert.sigmas(schedule, denoise)`` gives
 the start (``sigma_max`` for text-to-image, the img2img start otherwise) and ``sigma_min``.
+
+:class:`AuditBudget` keeps the sampler's audits (this reference run after a generation) within a
+share of a model's model calls (:data:`AUDIT_SHARE`, 4%): the audit stays a coin flip with
+probability ``audit_rate``, but a run is not audited while the model's audits so far, plus one
+more of their mean cost, would exceed that share of all its model calls; a coin that landed then
+is kept (one at most) and audits the first run the budget allows. The decision reads only the
+history (earlier runs and coins), never the current run's outcome, and each draw records the
+probability the run had of being audited given that history (``audit_rate``; 1 for a kept coin;
+0 while the budget is spent).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
+import threading
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -39,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 REFERENCE_RTOL = 1e-5  # the generic environment's default (docs/ROUTER.md: >= 38x below the best expert)
 CALLS_PER_STEP = 4  # the ComfyUI trainer's budget: max_calls = CALLS_PER_STEP * reference_steps
+AUDIT_SHARE = 0.04  # audits may use at most this share of a model's model calls (AuditBudget)
 
 
 def dormand_prince_sampler(model: Any, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
@@ -135,3 +148,107 @@ def reference_expert(max_calls: int, steps: int = 100, rtol: float = REFERENCE_R
                                   description="Dormand-Prince 5(4) reference solve of the probability-flow ODE")
     return Expert(descriptor, dormand_prince_sampler, karras,
                   options={"rtol": rtol, "max_calls": max_calls, "notes": notes})
+
+
+# ----------------------------------------------------------------------------- the audit budget
+
+
+@dataclass(frozen=True)
+class AuditDraw:
+    """One run's audit decision.
+
+    ``audit``: run the reference after the expert. ``probability``: the probability this run had
+    of being audited given the history (``audit_rate`` while the budget allows, 1 when a coin kept
+    from a skipped run is due, 0 while the budget is spent; what an unbiased estimate from audited
+    rows weighs by). ``share``: the model's audit share of its model calls before this run.
+    ``skipped``: the coin said audit but the budget was spent (the coin is kept).
+    """
+
+    audit: bool
+    probability: float
+    share: float
+    skipped: bool = False
+
+
+def check_audit_rate(audit_rate: float) -> float:
+    """``audit_rate`` as a float in [0, 1]; a ValueError naming ``audit_rate`` otherwise."""
+    try:
+        rate = float(audit_rate)
+    except (TypeError, ValueError):
+        raise ValueError(f"audit_rate: must be a number in [0, 1] (0 turns audits off), got {audit_rate!r}") from None
+    if not 0.0 <= rate <= 1.0:  # also NaN
+        raise ValueError(f"audit_rate: must be in [0, 1] (0 turns audits off), got {audit_rate}")
+    return rate
+
+
+class AuditBudget:
+    """Keeps audits within ``share`` of each model's model calls, deciding from history only.
+
+    A ledger per model key (expert calls, audit calls, audits) filled by :meth:`note` after each
+    run. :meth:`draw` flips the ``audit_rate`` coin and allows the audit only when the audit calls
+    so far plus one more audit of their mean cost stay within ``share`` of all model calls
+    (expert calls plus audit calls) including it. A coin that lands while the budget is spent is
+    kept (at most one per model) and audits the next run the budget allows, so the audits reach
+    their share instead of losing the coins that land while the budget recovers. Before the first
+    audit its cost is unknown and the first coin that lands is allowed, so the share can exceed
+    ``share`` by one audit until enough calls follow (a 400-call audit is 4% of 10,000 calls).
+    ``share`` None: no budget (every landed coin audits). Thread-safe; the ledger lives in the
+    process (it starts empty when ComfyUI restarts).
+    """
+
+    def __init__(self, share: float | None = AUDIT_SHARE) -> None:
+        if share is not None and not 0.0 < share <= 1.0:
+            raise ValueError(f"share must be in (0, 1] or None, got {share}")
+        self.share = share
+        self._ledger: dict[str, list] = {}
+        self._pending: set[str] = set()  # models with a kept coin
+        self._lock = threading.Lock()
+
+    def _entry(self, key: str) -> list:
+        return self._ledger.setdefault(key, [0, 0, 0])
+
+    def allows(self, key: str) -> bool:
+        """Whether one more audit of the model ``key`` fits the budget now."""
+        if self.share is None:
+            return True
+        with self._lock:
+            expert, audit, n = self._entry(key)
+        predicted = audit / n if n else 0.0
+        return audit + predicted <= self.share * (expert + audit + predicted)
+
+    def draw(self, key: str, audit_rate: float, rng: random.Random | None = None) -> AuditDraw:
+        """The audit decision for the next run of model ``key`` (fresh entropy unless ``rng``)."""
+        rate = check_audit_rate(audit_rate)
+        share = self.share_of(key)
+        if rate <= 0.0:  # audits off
+            return AuditDraw(False, 0.0, share)
+        coin = (rng or random.SystemRandom()).random() < rate
+        allowed = self.allows(key)
+        with self._lock:
+            pending = key in self._pending
+            if not allowed:
+                if coin:
+                    self._pending.add(key)
+                return AuditDraw(False, 0.0, share, coin)
+            self._pending.discard(key)
+        return AuditDraw(coin or pending, 1.0 if pending else rate, share)
+
+    def note(self, key: str, expert_calls: int, audit_calls: int | None = None) -> None:
+        """Add a finished run: its expert's model calls and, when it was audited, the audit's."""
+        with self._lock:
+            entry = self._entry(key)
+            entry[0] += max(int(expert_calls), 0)
+            if audit_calls is not None:
+                entry[1] += max(int(audit_calls), 0)
+                entry[2] += 1
+
+    def share_of(self, key: str) -> float:
+        """The audits' share of model ``key``'s model calls so far (0 before any call)."""
+        with self._lock:
+            expert, audit, _ = self._entry(key)
+        return audit / (expert + audit) if expert + audit else 0.0
+
+    def calls(self, key: str) -> tuple[int, int, int]:
+        """(expert calls, audit calls, audits) of model ``key`` so far."""
+        with self._lock:
+            return tuple(self._entry(key))

@@ -9,6 +9,10 @@
 - **Audits.** With probability ``audit_rate`` the sampler also runs the reference (the training
   environment's: a Dormand-Prince solve of at most 4 x ``REFERENCE_STEPS`` model calls) from the same noise after
   the expert and scores the run exactly (:func:`run_audit`); the returned latent is the expert's.
+  A per-model budget (:func:`audit_budget`, :class:`~moe_sampler.experts.reference.AuditBudget`)
+  skips the audit while the model's audits would exceed :data:`AUDIT_SHARE_ENV` (default 4%) of
+  its model calls; the decision reads only earlier runs, and the row's ``details.audit`` keeps the
+  run's audit probability, the audit's calls and the share (:func:`note_calls`).
 - **Background updates.** :class:`OnlineLearner` counts the recorded runs of each model; after
   every ``every`` runs it queues an update for a daemon thread, which reads the model's rows from
   the stats store, fits a candidate, judges it on held-out rows and publishes it as a new version
@@ -43,6 +47,7 @@ DEFAULT_AUDIT_RATE = 0.02
 UPDATE_EVERY = int(os.environ.get("MOE_SAMPLER_LEARN_EVERY", "25") or 25)  # recorded runs per model between updates
 MAX_ROWS = 20_000  # newest rows read for an update
 LEARNING_ENV = "MOE_SAMPLER_LEARNING"  # "0" turns the background updates off
+AUDIT_SHARE_ENV = "MOE_SAMPLER_AUDIT_SHARE"  # audits' budget, a share of a model's calls ("none": no budget)
 AUDIT_STEPS: int | None = None  # the audit reference's reference_steps (budget); None: REFERENCE_STEPS
 EXPLORATION: float | None = None  # epsilon of the learned router; None: router.online.EPSILON (5%)
 BACKGROUND_PAUSE = 0.002  # seconds a background fit sleeps per Adam step, leaving the CPU to sampling
@@ -212,9 +217,11 @@ def choice_details(choice: Any, learned: LearnedPolicy) -> dict:
 
 
 def badge_extras(ui: dict, model: str | None, learning: dict | None, audit: "Audit | None",
-                 warning: str | None) -> dict:
+                 warning: str | None, audit_info: dict | None = None) -> dict:
     """Add the learning loop to the node's payload: ``model``, ``learning`` (phase and sentence),
-    ``audit`` and ``audit_seconds`` (null when not audited), ``warning``; one text line each."""
+    ``audit`` and ``audit_seconds`` (null when not audited), ``audit_share`` (the audits' share of
+    the model's model calls after this run, null with audits off), ``audit_skipped`` (the budget
+    skipped a drawn audit), ``warning``; one text line each."""
     info = ui["moe_run"][0]
     info["model"] = model
     info["learning"] = learning
@@ -222,13 +229,20 @@ def badge_extras(ui: dict, model: str | None, learning: dict | None, audit: "Aud
     info["audit_seconds"] = None if audit is None else round(audit.seconds, 4)
     info["audit"] = None if audit is None else {"quality": audit.quality, "relative_error": audit.relative_error,
                                                  "nfe": audit.nfe, "error": audit.error}
+    info["audit_share"] = None if audit_info is None else audit_info["share"]
+    info["audit_skipped"] = bool(audit_info and audit_info["skipped"])
     info["warning"] = warning
     lines = []
     if learning is not None:
         lines.append(f"{'learning' if learning['phase'] == 'learning' else 'learned'}: {learning['text']}")
+    budget = "" if audit_info is None else (
+        f"; audits are {audit_info['share']:.1%} of this model's calls"
+        + ("" if audit_info["budget"] is None else f" (budget {audit_info['budget']:.0%})"))
     if audit is not None:
         quality = "failed" if audit.quality is None else f"quality {audit.quality:.2f}"
-        lines.append(f"audited: {quality}, +{audit.seconds:.2f} s for the {audit.nfe}-call reference")
+        lines.append(f"audited: {quality}, +{audit.seconds:.2f} s for the {audit.nfe}-call reference{budget}")
+    elif audit_info is not None and audit_info["skipped"]:
+        lines.append(f"audit skipped by the budget{budget}")
     if warning:
         lines.append(f"warning: {warning}")
     if lines:
@@ -252,12 +266,61 @@ class Audit:
 
 
 def draw_audit(audit_rate: float, rng: random.Random | None = None) -> bool:
-    """True with probability ``audit_rate`` (fresh entropy unless ``rng`` is given)."""
-    if not (0.0 <= audit_rate <= 1.0) or math.isnan(audit_rate):
-        raise ValueError(f"audit_rate: must be in [0, 1] (0 turns audits off), got {audit_rate}")
-    if audit_rate <= 0.0:
+    """True with probability ``audit_rate`` (fresh entropy unless ``rng`` is given); no budget."""
+    from ..experts.reference import check_audit_rate
+
+    if check_audit_rate(audit_rate) <= 0.0:
         return False
     return (rng or random.SystemRandom()).random() < audit_rate
+
+
+_budget: Any = None
+_budget_lock = threading.Lock()
+
+
+def audit_budget() -> Any:
+    """The process's :class:`~moe_sampler.experts.reference.AuditBudget` (one ledger per model key).
+
+    Its share is ``MOE_SAMPLER_AUDIT_SHARE`` (a number in (0, 1]; ``none`` turns the budget off),
+    by default :data:`~moe_sampler.experts.reference.AUDIT_SHARE` (4%)."""
+    global _budget
+    from ..experts.reference import AUDIT_SHARE, AuditBudget
+
+    with _budget_lock:
+        if _budget is None:
+            text = os.environ.get(AUDIT_SHARE_ENV, "").strip().lower()
+            try:
+                _budget = AuditBudget(None if text in ("none", "off") else float(text) if text else AUDIT_SHARE)
+            except ValueError:
+                logger.warning("%s=%r is not a share in (0, 1] or 'none'; using %g", AUDIT_SHARE_ENV, text,
+                               AUDIT_SHARE)
+                _budget = AuditBudget(AUDIT_SHARE)
+        return _budget
+
+
+def decide_audit(key: str, audit_rate: float, rng: random.Random | None = None, budget: Any = None) -> Any:
+    """The audit decision for a run of model ``key`` before it samples: an
+    :class:`~moe_sampler.experts.reference.AuditDraw` (a coin with probability ``audit_rate``,
+    skipped while the model's audits are over budget; reads only earlier runs). A ValueError
+    naming ``audit_rate`` when it is not in [0, 1]."""
+    return (audit_budget() if budget is None else budget).draw(key, audit_rate, rng)
+
+
+def note_calls(key: str, attempts: Sequence[Any], audit: "Audit | None", draw: Any, audit_rate: float,
+               budget: Any = None) -> dict | None:
+    """Add a finished run's model calls (every attempt's) and its audit's to the model's ledger;
+    returns what its row keeps under ``details.audit``: ``rate``, ``probability`` (the run's chance
+    of an audit given the history: ``rate``, 1 when a coin kept from a skipped run was due, 0 while
+    the budget was spent), ``skipped``, ``nfe`` (the audit's
+    model calls, or None), ``share`` (the audits' share of the model's calls after this run) and
+    ``budget``; None with audits off (``audit_rate`` 0)."""
+    budget = audit_budget() if budget is None else budget
+    budget.note(key, sum(int(getattr(a, "nfe", 0) or 0) for a in attempts), None if audit is None else audit.nfe)
+    if audit_rate <= 0.0:
+        return None
+    return {"rate": float(audit_rate), "probability": draw.probability, "skipped": draw.skipped,
+            "nfe": None if audit is None else audit.nfe, "share": round(budget.share_of(key), 6),
+            "budget": budget.share}
 
 
 def run_audit(model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, cfg: float, denoise: float,

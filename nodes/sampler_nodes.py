@@ -53,9 +53,10 @@ TOOLTIPS = {
                    "(seeded by seed), which helps the router learn. The learned router explores on its own "
                    "(5% of runs, logged) and ignores it.",
     "audit_rate": "Share of runs that are audited: after the expert, the reference (a Dormand-Prince solve of at "
-                  "most 400 model calls) also runs from the same noise, so the run gets its exact quality for the stats and the learning loop. The "
-                  "output is the expert's either way; an audited run takes longer (shown on the node). "
-                  "0 turns audits off.",
+                  "most 400 model calls) also runs from the same noise, so the run gets its exact quality for the "
+                  "stats and the learning loop. The output is the expert's either way; an audited run takes "
+                  "longer (shown on the node). Audits are skipped while they would exceed 4% of this model's "
+                  "model calls (MOE_SAMPLER_AUDIT_SHARE). 0 turns audits off.",
     "denoise": "How much of the schedule to run, as in KSampler: 1.0 for txt2img, lower to keep more of "
                "the input latent (img2img).",
     "expert_pool": "Experts the router may choose from (MoE Expert Pool). Not connected: the five main "
@@ -93,6 +94,7 @@ class AdaptiveRun:
     learning: dict | None = None  # online_learning.learning_info with the learned router, else None
     audit: Any = None  # online_learning.Audit when the run was audited
     warning: str | None = None  # a router trained on another model
+    audit_info: dict | None = None  # online_learning.note_calls: audit probability, calls and share
 
     @property
     def forced(self) -> bool:
@@ -109,7 +111,8 @@ class AdaptiveRun:
     def ui(self) -> dict:
         """Node payload: ``ui.moe_run`` (run info with ``why``) and ``ui.text`` (summary and table)."""
         ui = bridge.badge(self.report, self.selection, self.router, why=self.explain())
-        return online_learning.badge_extras(ui, self.model, self.learning, self.audit, self.warning)
+        return online_learning.badge_extras(ui, self.model, self.learning, self.audit, self.warning,
+                                            self.audit_info)
 
 
 def _record(store: Any, attempts: Sequence[bridge.Attempt], annotate: Any = None, **fields: Any) -> bool:
@@ -149,8 +152,8 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
     state = state_from_conditioning(positive, negative, sampled_latent_shape(model, samples),
                                     max(cfg, MIN_FEATURE_CFG), denoise, comfy_experts.model_family(model), priority,
                                     "interactive")
-    audit_due = online_learning.draw_audit(audit_rate)
     key = online_learning.model_fingerprint(model)
+    audit_draw = online_learning.decide_audit(key, audit_rate)  # before sampling: earlier runs only
     selection = router_info = learning = learning_details = warning = active_learner = None
     label = MANUAL_ROUTER
     if forced is None and router == online_learning.LEARNED_ROUTER:
@@ -170,22 +173,24 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
     expert = forced if forced is not None else pool[selection.index]
     details = why.record_details(selection, pool, priority, router_info or {"label": label}, expert)
     attempts: list[bridge.Attempt] = []
-    audit = None
+    audit = audit_info = None
     store = paths.stats_store() if store is None else store
     try:
         latent, report = bridge.sample_with_expert(model, expert, positive, negative, latent_image, seed, cfg,
                                                    denoise, callback=callback, preview=preview, attempts=attempts)
-        if audit_due and not report.fallback:
+        if audit_draw.audit and not report.fallback:
             audit = online_learning.run_audit(model, positive, negative, latent_image, seed, cfg, denoise,
                                               latent["samples"])
     finally:
+        audit_info = online_learning.note_calls(key, attempts, audit, audit_draw, audit_rate)
+        row_details = {**(learning_details or {}), **({"audit": audit_info} if audit_info else {})}
         recorded = _record(store, attempts, state=state, selection=selection, router=label, priority=priority,
                            seed=seed, details=details, annotate=lambda records: online_learning.annotate(
-                               records, model=key, audit=audit, details=learning_details))
+                               records, model=key, audit=audit, details=row_details or None))
     if active_learner is not None and recorded:
         active_learner.note_run(key, pool, store)  # counts and queues; never waits for an update
     return AdaptiveRun(latent, report, selection, label, recorded, pool, priority, router_info, key, learning, audit,
-                       warning)
+                       warning, audit_info)
 
 
 def _notify(payload: dict, node_id: Any) -> None:

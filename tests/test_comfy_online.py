@@ -31,12 +31,15 @@ def env(tiny_comfy):
     pool = [comfy_experts.expert_from_comfy("euler", "karras", 3), comfy_experts.expert_from_comfy("dpmpp_2m", "karras", 4),
             comfy_experts.expert_from_comfy("heun", "karras", 3)]
     prompts = [tiny_comfy["positive"], *(encode_prompt(tiny_comfy["clip"], p) for p in ("a red car", "an old castle"))]
-    steps, epsilon = online_learning.AUDIT_STEPS, online_learning.EXPLORATION
+    from moe_sampler.experts.reference import AuditBudget
+
+    steps, epsilon, budget = online_learning.AUDIT_STEPS, online_learning.EXPLORATION, online_learning._budget
     online_learning.AUDIT_STEPS = AUDIT_STEPS
     online_learning.EXPLORATION = 0.5  # enough logged picks of every expert in a short test
+    online_learning._budget = AuditBudget(None)  # every drawn audit runs (the budget has its own test)
     yield dict(model=tiny_comfy["model"], prompts=prompts, negative=tiny_comfy["negative"], nodes=sampler_nodes,
                online=online_learning, paths=paths, pool=pool)
-    online_learning.AUDIT_STEPS, online_learning.EXPLORATION = steps, epsilon
+    online_learning.AUDIT_STEPS, online_learning.EXPLORATION, online_learning._budget = steps, epsilon, budget
 
 
 def latent(size: int = 8) -> dict:
@@ -87,6 +90,30 @@ def test_learning_loop_in_comfyui(env, store):
         assert f"learned/{key}.versions/v{outcome.version:04d}.safetensors" in env["paths"].router_names()
     else:  # judged and refused: no version was written
         assert registry.latest(name) is None, outcome.summary
+
+
+def test_the_audit_budget_skips_audits_over_their_share(env, store, monkeypatch):
+    """With the default 4% budget, audit_rate 1 audits the first run only: the next runs' audits
+    would be far over 4% of the model's calls; rows and badge say so."""
+    from moe_sampler.experts.reference import AuditBudget
+
+    online = env["online"]
+    monkeypatch.setattr(online, "_budget", AuditBudget())
+    key = online.model_fingerprint(env["model"])
+    quiet = online.OnlineLearner(every=10_000)
+    runs = [run(env, store, quiet, seed=500 + i, audit_rate=1.0) for i in range(3)]
+    infos = [r.ui()["moe_run"][0] for r in runs]
+    assert [i["audited"] for i in infos] == [True, False, False]
+    assert not infos[0]["audit_skipped"] and infos[1]["audit_skipped"] and infos[2]["audit_skipped"]
+    expert_calls, audit_calls, audits = online.audit_budget().calls(key)
+    assert audits == 1 and audit_calls == runs[0].audit.nfe
+    assert infos[2]["audit_share"] == pytest.approx(audit_calls / (expert_calls + audit_calls), abs=1e-6)
+    assert "audit skipped by the budget; audits are" in runs[2].ui()["text"][0]
+    store.flush(10)
+    rows = sorted((r for r in store.runs() if r.model == key and r.seed in (500, 501, 502)), key=lambda r: r.seed)
+    audit = [r.details_dict()["audit"] for r in rows]
+    assert [a["probability"] for a in audit] == [1.0, 0.0, 0.0] and audit[0]["nfe"] == runs[0].audit.nfe
+    assert [r.quality_source for r in rows][0] == "audit" and rows[1].audit_seconds is None
 
 
 def test_runs_are_not_slowed_by_a_background_update(env, store):

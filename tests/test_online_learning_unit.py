@@ -166,9 +166,9 @@ def test_before_any_version_the_learned_router_is_in_its_learning_phase(folders)
     learned = online.learned_policy(KEY)
     assert learned.version == 0
     choice = learned.policy.select(torch.zeros(64), POOL, 0.5, seed=0, epsilon=0.0)
-    assert choice.phase == "learning" and choice.selection.expert == "BalancedMaster"
+    assert choice.phase == "learning" and choice.selection.expert == "SpeedDemon"  # a zero state: denoise 0.5, img2img
     info = online.learning_info(choice, learned, online.OnlineLearner(every=25, learn=lambda *a: None), KEY)
-    assert info["phase"] == "learning" and info["text"].startswith("using the best fixed expert (BalancedMaster)")
+    assert info["phase"] == "learning" and info["text"].startswith("using the best fixed expert (SpeedDemon)")
     assert info["next_update_in"] == 25
 
 
@@ -220,6 +220,53 @@ def test_badge_shows_phase_audit_and_warning():
     assert lines[3].startswith("warning: router x")
     plain = online.badge_extras({"moe_run": [{}], "text": ["t"]}, KEY, None, None, None)
     assert plain["text"] == ["t"] and plain["moe_run"][0]["audit_seconds"] is None
+
+
+def test_the_audit_budget_decides_from_earlier_runs_and_the_row_keeps_it():
+    from moe_sampler.experts.reference import AuditBudget
+
+    budget = AuditBudget(0.04)
+    attempt = types.SimpleNamespace(nfe=20)
+    first = online.decide_audit(KEY, 1.0, budget=budget)
+    assert first.audit and first.probability == 1.0 and first.share == 0.0 and not first.skipped
+    info = online.note_calls(KEY, [attempt], online.Audit(0.7, 0.01, 100, 2.0), first, 1.0, budget=budget)
+    assert info == {"rate": 1.0, "probability": 1.0, "skipped": False, "nfe": 100, "share": pytest.approx(100 / 120),
+                    "budget": 0.04}
+    second = online.decide_audit(KEY, 1.0, budget=budget)  # 100 of 120 calls: over budget
+    assert not second.audit and second.skipped and second.probability == 0.0
+    info = online.note_calls(KEY, [attempt, attempt], None, second, 1.0, budget=budget)  # a fallback: 2 attempts
+    assert info["skipped"] and info["nfe"] is None and info["share"] == pytest.approx(100 / 160)
+    assert budget.calls(KEY) == (60, 100, 1)
+    assert online.decide_audit("other-model", 1.0, budget=budget).audit  # one ledger per model
+    off = online.decide_audit(KEY, 0.0, budget=budget)
+    assert not off.audit and not off.skipped
+    assert online.note_calls(KEY, [attempt], None, off, 0.0, budget=budget) is None  # audits off: nothing kept
+    with pytest.raises(ValueError, match="^audit_rate"):
+        online.decide_audit(KEY, 2.0, budget=budget)
+
+
+def test_the_audit_budget_is_set_by_the_environment(monkeypatch, caplog):
+    for text, share in (("", 0.04), ("none", None), ("0.1", 0.1), ("1.5", 0.04), ("lots", 0.04)):
+        monkeypatch.setattr(online, "_budget", None)
+        monkeypatch.setenv(online.AUDIT_SHARE_ENV, text)
+        assert online.audit_budget().share == share, text
+    assert "MOE_SAMPLER_AUDIT_SHARE='lots' is not a share" in caplog.text
+    assert online.audit_budget() is online.audit_budget()
+
+
+def test_badge_shows_the_audit_share_and_a_skipped_audit():
+    audit = online.Audit(0.71, 0.0075, 100, 2.5)
+    info = {"rate": 0.02, "probability": 0.02, "skipped": False, "nfe": 100, "share": 0.031, "budget": 0.04}
+    out = online.badge_extras({"moe_run": [{}], "text": ["t"]}, KEY, None, audit, None, info)
+    assert out["text"][0].splitlines()[1] == ("audited: quality 0.71, +2.50 s for the 100-call reference; audits are "
+                                              "3.1% of this model's calls (budget 4%)")
+    assert out["moe_run"][0]["audit_share"] == 0.031 and not out["moe_run"][0]["audit_skipped"]
+    skipped = {**info, "probability": 0.0, "skipped": True, "nfe": None, "share": 0.043}
+    out = online.badge_extras({"moe_run": [{}], "text": ["t"]}, KEY, None, None, None, skipped)
+    assert out["text"][0].splitlines()[1] == "audit skipped by the budget; audits are 4.3% of this model's calls (budget 4%)"
+    assert out["moe_run"][0]["audit_skipped"] and not out["moe_run"][0]["audited"]
+    quiet = online.badge_extras({"moe_run": [{}], "text": ["t"]}, KEY, None, None, None, {**info, "nfe": None})
+    assert quiet["text"] == ["t"]  # not drawn: nothing to say
 
 
 def test_a_router_of_another_model_is_flagged():

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import random
 import sys
 import types
 from types import SimpleNamespace
@@ -28,7 +29,7 @@ online_learning = import_node_module("online_learning")
 from moe_sampler.experts import default_pool  # noqa: E402
 from moe_sampler.experts.analytic import AnalyticModel, PromptSpec  # noqa: E402
 from moe_sampler.experts.base import CountingDenoiser  # noqa: E402
-from moe_sampler.experts.reference import dormand_prince_sampler, reference_expert  # noqa: E402
+from moe_sampler.experts.reference import AUDIT_SHARE, AuditBudget, dormand_prince_sampler, reference_expert  # noqa: E402
 from moe_sampler.router.environment import DormandPrince  # noqa: E402
 
 
@@ -121,6 +122,48 @@ def test_trainer_and_audits_use_the_dormand_prince_reference():
     assert audit.options["max_calls"] == 4 * environment_module.REFERENCE_STEPS
     with pytest.raises(environment_module.TrainingInputError, match="^reference_steps"):
         environment_module.reference_expert(0)
+
+
+@pytest.mark.parametrize(("expert_calls", "audit_calls"), [(30, 400), (35, 90), (10, 400)])
+def test_the_audit_budget_keeps_audits_within_their_share(expert_calls, audit_calls):
+    """2% audits of a 400-call reference after 30-call runs would be 21% of the calls: the budget
+    holds them at 4% (plus at most one audit) and, keeping skipped coins, close to it; without a
+    budget the share is what the coin gives."""
+    rng = random.Random(1)
+    budgeted, free = AuditBudget(AUDIT_SHARE), AuditBudget(None)
+    probabilities = []
+    for _ in range(20_000):
+        for budget in (budgeted, free):
+            draw = budget.draw("m", 0.02, rng)
+            assert draw.probability in (0.0, 0.02, 1.0) and draw.audit <= (draw.probability > 0)
+            if budget is budgeted:
+                probabilities.append(draw.probability)
+            budget.note("m", expert_calls, audit_calls if draw.audit else None)
+    expert, audits, n = budgeted.calls("m")
+    assert audits / (expert + audits) <= AUDIT_SHARE + audit_calls / (expert + audits)
+    assert budgeted.share_of("m") > 0.9 * min(AUDIT_SHARE, 0.02 * audit_calls / (expert_calls + 0.02 * audit_calls))
+    uncapped = 0.02 * audit_calls / (expert_calls + 0.02 * audit_calls)
+    assert free.share_of("m") == pytest.approx(uncapped, rel=0.2)
+    assert n >= 1 and 0 < sum(probabilities) / len(probabilities) <= 0.02
+
+
+def test_the_audit_budget_reads_only_history():
+    budget = AuditBudget(0.04)
+    first = budget.draw("m", 1.0)
+    assert first.audit and first.share == 0.0  # the first audit's cost is unknown: allowed
+    budget.note("m", 30, 400)
+    assert not budget.allows("m") and budget.draw("m", 1.0).skipped
+    budget.note("m", 9_600)  # 400 calls of audits in 10,030: room for one more 400-call audit? 800 > 4% of 10,430
+    assert not budget.allows("m")
+    budget.note("m", 10_000)  # 800 <= 4% of 20,430
+    kept = budget.draw("m", 1e-12)  # the coin kept from the skipped run is due: probability 1
+    assert kept.audit and kept.probability == 1.0 and not kept.skipped
+    assert budget.draw("m", 1e-12) == type(kept)(False, 1e-12, kept.share)  # used once
+    assert budget.draw("m", 0.0) == budget.draw("m", 0.0)  # rate 0: never audited, nothing drawn
+    with pytest.raises(ValueError, match="^audit_rate"):
+        budget.draw("m", -0.1)
+    with pytest.raises(ValueError, match="share"):
+        AuditBudget(0.0)
 
 
 def _fake_comfy(monkeypatch, free_bytes):
