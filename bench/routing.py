@@ -456,9 +456,143 @@ def sweep_yardstick(yardstick: str, sizes: tuple[int, int, int, int], seed: int,
                   yardstick_env(yardstick, "heldout", seed, n_heldout, conditions))
 
 
+# ----------------------------------------------------------------------------- the untrained router's prior
+
+PRIOR_GRID = tuple(round(0.001 * i, 3) for i in range(1001))  # priorities the prior's picks are judged on
+
+
+def prior_outcomes(theta, experts) -> tuple[np.ndarray, np.ndarray]:
+    """The descriptor prior's quality and cost [N] of ``experts`` with prior numbers ``theta`` (6)."""
+    from moe_sampler.experts.base import features_of
+    from moe_sampler.router.model import ExpertScorer
+
+    scorer = ExpertScorer()
+    with torch.no_grad():
+        scorer.prior.copy_(torch.tensor([float(v) for v in theta]))
+        q, c = scorer(torch.zeros(len(experts), 64), features_of(experts))
+    return q.double().numpy(), c.double().numpy()
+
+
+def minimax_regrets(tables: dict[str, Table], grid=PRIOR_GRID) -> np.ndarray:
+    """[len(grid), N]: each expert's worst regret over the yardsticks' tables (mean utility of the
+    best fixed expert of that yardstick minus its own) at each priority; the tables share columns."""
+    lam = np.array([lambda_from_priority(p) for p in grid])[:, None]
+    worst = None
+    for t in tables.values():
+        u = t.quality.mean(0)[None] - lam * (np.log2(np.maximum(t.nfe, 1)) / 10).mean(0)[None]  # [G, N]
+        regret = u.max(1, keepdims=True) - u
+        worst = regret if worst is None else np.maximum(worst, regret)
+    return worst
+
+
+def _prior_picks(theta, experts, grid) -> np.ndarray:
+    q, c = prior_outcomes(theta, experts)
+    lam = np.array([lambda_from_priority(p) for p in grid])[:, None]
+    return np.argmax(q[None] - lam * c[None], axis=1)
+
+
+def prior_regrets(theta, tables: dict[str, Table], experts, grid=PRIOR_GRID, regret: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """[len(grid)]: the worst regret over the yardsticks of the prior's fixed pick at each priority."""
+    regret = minimax_regrets(tables, grid) if regret is None else regret
+    return regret[np.arange(len(grid)), _prior_picks(theta, experts, grid)]
+
+
+def fit_prior(tables: dict[str, Table], experts, fit_tables: dict[str, tuple[Table, list]] | None = None,
+              start=None, grid=PRIOR_GRID, tolerance: float = 1e-4) -> tuple[np.ndarray, dict]:
+    """The prior numbers of ``router.model.PRIOR_INIT`` fitted to training contexts.
+
+    First: the untrained router's fixed pick at every priority of ``grid`` should be the expert
+    with the smallest worst-case regret over the yardsticks (``tables``: training contexts of each
+    yardstick, columns ``experts``): the mean over ``grid`` of the pick's worst regret is at most
+    ``tolerance`` above the minimax one; then, among the numbers that achieve that, the smallest
+    mean squared error of the
+    prior's quality and cost against each expert's mean outcome (``fit_tables``: yardstick ->
+    (table, its experts), default ``tables``). The stochastic penalty ``e`` is kept (no stochastic
+    expert in the pools). Nelder-Mead from ``start`` (default ``PRIOR_INIT``), three restarts."""
+    from scipy.optimize import minimize
+
+    from moe_sampler.router.model import PRIOR_INIT
+
+    fit_tables = fit_tables or {y: (t, experts) for y, t in tables.items()}
+    regret = minimax_regrets(tables, grid)
+    bound = float(regret.min(1).mean())
+    e = PRIOR_INIT[4]
+    full = lambda x: (x[0], x[1], x[2], x[3], e, x[4])  # noqa: E731
+
+    def mse(theta) -> float:
+        errors = []
+        for table, pool in fit_tables.values():
+            q, c = prior_outcomes(theta, pool)
+            errors += [(q - table.quality.mean(0)) ** 2, (c - np.log2(np.maximum(table.nfe, 1)).mean(0) / 10) ** 2]
+        return float(np.mean(np.concatenate(errors)))
+
+    def objective(x) -> float:
+        excess = prior_regrets(full(x), tables, experts, grid, regret).mean() - bound - tolerance
+        return 1e5 * max(excess, 0.0) + mse(full(x))
+
+    start = PRIOR_INIT if start is None else start
+    x = np.array([start[0], start[1], start[2], start[3], start[5]], dtype=float)
+    for _ in range(3):
+        x = minimize(objective, x, method="Nelder-Mead", options={"maxiter": 4000, "xatol": 1e-5, "fatol": 1e-9}).x
+    theta = np.array(full(x))
+    achieved = prior_regrets(theta, tables, experts, grid, regret)
+    return theta, {"regret_mean": float(achieved.mean()), "regret_max": float(achieved.max()), "bound_mean": bound,
+                   "mse": mse(theta)}
+
+
+def switch_points(theta, experts, grid=PRIOR_GRID) -> list[tuple[float, str]]:
+    """``[(priority, expert)]``: where the prior's fixed pick changes along ``grid``."""
+    out = []
+    for p, k in zip(grid, _prior_picks(theta, experts, grid)):
+        name = experts[int(k)].name
+        if not out or out[-1][1] != name:
+            out.append((p, name))
+    return out
+
+
+def report_prior(sweeps: dict[str, "Sweeps"], fit: bool) -> None:
+    """The untrained router's fixed pick per priority against the minimax-regret expert of the
+    yardsticks' training contexts (default pool); with ``fit``, the prior numbers refitted."""
+    from moe_sampler.router.model import PRIOR_INIT
+
+    pool = default_pool()
+    names = [e.name for e in pool]
+    tables = {y: sw.train.columns(names) for y, sw in sweeps.items()}
+    regret = minimax_regrets(tables)
+    minimax = []
+    for p, row in zip(PRIOR_GRID, regret):
+        if not minimax or minimax[-1][1] != names[int(row.argmin())]:
+            minimax.append((p, names[int(row.argmin())]))
+    sizes = ", ".join(f"{y} {len(t.quality)}" for y, t in tables.items())
+    print(f"\n== The untrained router's fixed expert per priority (training contexts: {sizes}) ==")
+    print(f"minimax-regret expert (from priority): {minimax}")
+    current = prior_regrets(PRIOR_INIT, tables, pool)
+    print(f"PRIOR_INIT {tuple(PRIOR_INIT)}: {switch_points(PRIOR_INIT, pool)}; worst regret, mean over "
+          f"priorities 0-1 {current.mean():.4f} (minimax {regret.min(1).mean():.4f}), max {current.max():.4f}")
+    for group, keep in GROUPS.items():
+        split = {}
+        for y, sw in sweeps.items():
+            rows = [i for i, c in enumerate(sw.train_env.contexts[:len(sw.train.quality)]) if keep(c)]
+            split[y] = Table(tuple(names), tables[y].quality[rows], tables[y].nfe[rows])
+        points = []
+        for p, row in zip(PRIOR_GRID, minimax_regrets(split)):
+            if not points or points[-1][1] != names[int(row.argmin())]:
+                points.append((p, names[int(row.argmin())]))
+        print(f"{group} only ({', '.join(f'{y} {len(t.quality)}' for y, t in split.items())} contexts): minimax-regret "
+              f"expert {points} (router.online.PRIOR_FIXED)")
+    if fit:
+        fit_tables = {y: (sw.train.columns([e.name for e in yardstick_pool(y)]), yardstick_pool(y))
+                      for y, sw in sweeps.items()}
+        theta, info = fit_prior(tables, pool, fit_tables)
+        print(f"fitted prior {tuple(round(float(v), 3) for v in theta)}: {switch_points(theta, pool)}; "
+              f"worst regret, mean {info['regret_mean']:.4f} (minimax {info['bound_mean']:.4f}), max {info['regret_max']:.4f}, "
+              f"mean squared error of quality and cost {info['mse']:.5f}")
+
+
 # ----------------------------------------------------------------------------- both yardsticks, side by side
 
-CURVE = (10, 30, 100)  # training contexts of the item-6 curve ("never worse than the best fixed expert")
+CURVE = (10, 30, 100, 300, 1000)  # training contexts of the item-6 curve ("never worse than the best fixed expert")
 GROUPS = {"text-to-image": lambda c: c.denoise >= 1, "img2img": lambda c: c.denoise < 1}
 
 
@@ -502,6 +636,21 @@ def guarded_policy(env, table: Table, rows: int, pool, seed: int, model: str, he
         return policy.greedy_batch(states, pool, [p] * len(contexts))[0].numpy()
 
     return choose, result
+
+
+def no_data_policy(pool, heldout_env):
+    """The guarded policy before any row of the model (``priority -> picks [n]``): the best fixed
+    expert of ``router.online.PRIOR_FIXED`` for each context's group (text-to-image / img2img)."""
+    from moe_sampler.router.online import Evidence, GuardedPolicy
+
+    policy = GuardedPolicy(Router.default(), Evidence(), epsilon=0.0)
+    contexts = heldout_env.contexts
+
+    def choose(p: float) -> np.ndarray:
+        states = torch.stack([heldout_env.state(c, p) for c in contexts])
+        return policy.greedy_batch(states, pool, [p] * len(contexts))[0].numpy()
+
+    return choose
 
 
 def train_router(env, table: Table, pool, seed: int, rows: int) -> Router:
@@ -590,6 +739,7 @@ def side_by_side(sweeps: dict[str, Sweeps], seed: int, curve: tuple[int, ...]) -
             if other != y:
                 policies[f"trained on {other} ({len(sweeps[other].train.quality)})"] = router_policy(
                     router, sw.heldout_env, pool)
+        policies["guarded, 0 contexts (no data)"] = no_data_policy(pool, sw.heldout_env)
         for n in sorted({*(c for c in curve if c < n_train), n_train}):
             choose, updates[n] = guarded_policy(sw.train_env, tr, n, pool, seed, y, sw.heldout_env)
             policies[f"guarded, {n} contexts"] = choose
@@ -622,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the same for the learned model (full: 30,20,4,2)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="JSON-lines file of sweep rows: read, and new rows appended (a rerun reuses them)")
+    parser.add_argument("--fit-prior", action="store_true",
+                        help="refit the untrained router's prior numbers (router.model.PRIOR_INIT) on the training "
+                             "contexts: minimax-regret fixed pick per priority, then least squares")
     parser.add_argument("--no-analytic-curves", action="store_true",
                         help="skip the analytic model's learning curves, bandit training and bench-pool router report")
     args = parser.parse_args(argv)
@@ -648,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{LEARNED_SPLITS['train']['cfgs']} and digits 0-13 of each class, held-out cfgs "
               f"{LEARNED_SPLITS['heldout']['cfgs']} and digits 14-19; Dormand-Prince rtol {LEARNED_RTOL:g} reference")
     print(f"sweeps done at {time.perf_counter() - start:.0f} s")
+    report_prior(sweeps, args.fit_prior)
     side_by_side(sweeps, args.seed, CURVE)
     if "analytic" in sweeps and not args.no_analytic_curves:
         sw = sweeps["analytic"]

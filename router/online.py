@@ -8,19 +8,28 @@ them in ComfyUI and ``bench/online.py`` measures them on the analytic model.
 1. **One router per model.** :func:`model_key` names a model by its family and a cheap
    fingerprint of a few weight tensors (:func:`fingerprint_tensors`); :func:`rows_from_records`
    keeps the rows of one model only.
-2. **A guarded policy** (:class:`GuardedPolicy`). It starts from the **best fixed expert** for
-   the priority: the expert with the best mean utility over this model's logged rows
-   (self-normalised inverse-propensity means, shrunk towards the descriptor prior of the
-   untrained router with the weight of :data:`PRIOR_ROWS` rows; with no rows it is the prior's
-   pick: SpeedDemon at priority 0, BalancedMaster at 0.5, QualityMaster at 1). It deviates on a
-   context only to an expert whose predicted utility gain over the fixed expert keeps a positive
-   **lower confidence bound**: ``gain - z * sqrt(s_a^2 / n_a + s_f^2 / n_f)`` with ``s`` the
-   router's out-of-sample quality error per expert (measured on held-out rows at the update)
-   and ``n`` the expert's logged rows; and only once the router has been updated from at least
-   ``min_rows`` rows and beat the best fixed expert on held-out rows. Until then it is in its
-   **learning phase** and uses the best fixed expert. Exploration is epsilon-greedy
-   (:data:`EPSILON`): with probability epsilon a uniform draw from the pool; the pick's
-   propensity is logged, which keeps the inverse-propensity estimates unbiased.
+2. **A guarded policy** (:class:`GuardedPolicy`), **per group** of contexts (:data:`GROUPS`:
+   text-to-image and img2img, told apart by the state's denoise slot; their best experts
+   differ: img2img runs a share of the steps). It starts from the **best fixed expert** of the
+   context's group for the priority. With no rows that is the group's entry of
+   :data:`PRIOR_FIXED` (the expert with the smallest worst-case regret over both yardsticks'
+   training contexts: on text-to-image SpeedDemon below priority 0.375, BalancedMaster to 0.404,
+   QualityMaster above; on img2img SpeedDemon below 0.545, BalancedMaster to 0.697, QualityMaster
+   above; an expert missing from the pool falls back to the untrained router's descriptor prior,
+   see :mod:`.model`). Logged rows move it to the expert with the best mean utility
+   (self-normalised inverse-propensity means, shrunk with the weight of :data:`PRIOR_ROWS`
+   rows) only when they separate it from that pick by ``z`` standard errors; the group's own
+   rows decide once both experts have :data:`MIN_GROUP_ROWS` rows in it, all the model's rows
+   before. It deviates on a context only to an expert whose predicted utility gain over the
+   fixed expert keeps a positive **lower confidence bound**: ``gain - z * sqrt(s_a^2 / n_a +
+   s_f^2 / n_f)`` with ``s`` the router's out-of-sample quality error per expert (measured on
+   held-out rows at the update, per group where it has the rows) and ``n`` the expert's logged
+   rows; and only once the router has been updated from at least ``min_rows`` rows and beat the
+   group's best fixed expert (strictly) on the group's held-out rows (all held-out rows when the group has
+   fewer than ``min_heldout``). Until then it is in its **learning phase** and uses the best
+   fixed expert. Exploration is epsilon-greedy (:data:`EPSILON`): with probability epsilon a
+   uniform draw from the pool; the pick's propensity is logged, which keeps the
+   inverse-propensity estimates unbiased.
 3. **Adoption on held-out rows** (:func:`update`). A candidate router is fitted (warm start from
    the current one) on the training share of the rows; the held-out share (a stable hash of each
    row, :data:`HELDOUT_SHARE`) scores the candidate's guarded policy, the current one's and the
@@ -49,7 +58,7 @@ import torch
 from torch import Tensor
 
 from ..experts.base import ExpertDescriptor
-from .features import STATE_DIM
+from .features import DENOISE_SLOT, STATE_DIM
 from .model import ExpertScorer, Router
 from .policy import REFERENCE_TEMPERATURE, Selection, check_priority, cost_from_nfe, draw, lambda_from_priority
 from .policy import probabilities as softmax_probabilities
@@ -66,9 +75,11 @@ RANGE_MARGIN = 0.1  # a state slot may leave the logged range by 10% of its widt
 DEFAULT_QUALITY_SD = 0.15  # out-of-sample quality error assumed for an expert with too few held-out rows
 PROPENSITY_CLIP = 10.0  # largest regression weight 1 / propensity (as MoERLTrainer)
 PHASES = ("learning", "guarded")
+GROUPS = ("text-to-image", "img2img")  # the guard's groups of contexts, told apart by the state's denoise slot
+MIN_GROUP_ROWS = 5  # rows of an expert in a group before the group's own evidence is used (else the pooled)
 
-__all__ = ["EPSILON", "Evidence", "GuardedChoice", "GuardedPolicy", "LoggedRow", "UpdateResult",
-           "fingerprint_tensors", "fit_candidate", "model_key", "policy_values", "rows_from_records", "split_rows",
+__all__ = ["EPSILON", "GROUPS", "Evidence", "GuardedChoice", "GuardedPolicy", "LoggedRow", "UpdateResult",
+           "PRIOR_FIXED", "fingerprint_tensors", "fit_candidate", "group_index", "model_key", "prior_fixed", "policy_values", "rows_from_records", "split_rows",
            "update"]
 
 
@@ -158,6 +169,12 @@ def split_rows(rows: Sequence[LoggedRow], share: float = HELDOUT_SHARE) -> tuple
     return train, heldout
 
 
+def group_index(states: Tensor) -> Tensor:
+    """[R] index into :data:`GROUPS` of states [R, 64]: 0 text-to-image (denoise 1), 1 img2img
+    (the denoise slot ``2 * denoise - 1`` below 1)."""
+    return (states[:, DENOISE_SLOT] < 0.999).long()
+
+
 # ----------------------------------------------------------------------------- evidence
 
 
@@ -180,7 +197,10 @@ class Evidence:
     fixed expert on held-out rows at its adoption; ``experts``: per-expert evidence;
     ``state_low``/``state_high``: the range of each state slot over those rows (a context
     outside it, widened by :data:`RANGE_MARGIN`, is new to the router: the guard keeps the
-    fixed expert there).
+    fixed expert there); ``groups``: the per-expert evidence of each group of :data:`GROUPS`
+    (text-to-image, img2img), used where an expert has :data:`MIN_GROUP_ROWS` rows in the
+    group; ``trusted_groups``: whether the router beat the group's best fixed expert on the
+    group's held-out rows (a group with too few held-out rows follows ``trusted``).
     """
 
     rows: int = 0
@@ -188,12 +208,20 @@ class Evidence:
     experts: dict[str, ExpertEvidence] = field(default_factory=dict)
     state_low: tuple[float, ...] | None = None
     state_high: tuple[float, ...] | None = None
+    groups: dict[str, dict[str, ExpertEvidence]] = field(default_factory=dict)
+    trusted_groups: dict[str, bool] = field(default_factory=dict)
+
+    def trusted_in(self, group: str) -> bool:
+        """Whether the router may deviate from the fixed expert on contexts of ``group``."""
+        return self.trusted_groups.get(group, self.trusted)
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "trusted": self.trusted,
                 "experts": {k: dataclasses.asdict(v) for k, v in self.experts.items()},
                 "state_low": None if self.state_low is None else [round(v, 5) for v in self.state_low],
-                "state_high": None if self.state_high is None else [round(v, 5) for v in self.state_high]}
+                "state_high": None if self.state_high is None else [round(v, 5) for v in self.state_high],
+                "groups": {g: {k: dataclasses.asdict(v) for k, v in ev.items()} for g, ev in self.groups.items()},
+                "trusted_groups": dict(self.trusted_groups)}
 
     def known(self, states: Tensor) -> Tensor:
         """[R] bool: each state [R, 64] lies inside the logged range (True without a range)."""
@@ -207,15 +235,22 @@ class Evidence:
     @classmethod
     def from_json(cls, data: Any) -> "Evidence":
         """Evidence from router metadata; empty for anything unreadable (a hand-made file)."""
+        def experts_of(entries: Any) -> dict[str, ExpertEvidence]:
+            return {str(k): ExpertEvidence(int(v["rows"]), float(v["quality"]), float(v["cost"]),
+                                           float(v.get("quality_sd", DEFAULT_QUALITY_SD)))
+                    for k, v in dict(entries).items()}
+
         try:
-            experts = {str(k): ExpertEvidence(int(v["rows"]), float(v["quality"]), float(v["cost"]),
-                                              float(v.get("quality_sd", DEFAULT_QUALITY_SD)))
-                       for k, v in dict(data.get("experts", {})).items()}
+            experts = experts_of(data.get("experts", {}))
             low, high = data.get("state_low"), data.get("state_high")
             ranges = ((tuple(float(v) for v in low), tuple(float(v) for v in high))
                       if isinstance(low, list) and isinstance(high, list) and len(low) == len(high) == STATE_DIM
                       else (None, None))
-            return cls(int(data.get("rows", 0)), bool(data.get("trusted", False)), experts, *ranges)
+            groups = {str(g): experts_of(ev) for g, ev in dict(data.get("groups") or {}).items() if g in GROUPS}
+            trusted_groups = {str(g): bool(v) for g, v in dict(data.get("trusted_groups") or {}).items()
+                              if g in GROUPS}
+            return cls(int(data.get("rows", 0)), bool(data.get("trusted", False)), experts, *ranges, groups,
+                       trusted_groups)
         except (AttributeError, KeyError, TypeError, ValueError):
             return cls()
 
@@ -247,44 +282,118 @@ def fixed_utilities(evidence: Evidence, experts: Sequence[Any], priority: float)
     return q - lambda_from_priority(priority) * c
 
 
-def _fixed_quality_cost(evidence: Evidence, experts: Sequence[Any]) -> tuple[Tensor, Tensor]:
+def _fixed_quality_cost(evidence: Evidence, experts: Sequence[Any], group: str | None = None
+                        ) -> tuple[Tensor, Tensor]:
     """Mean quality and cost [N] float64 of each expert over the model's contexts (see
-    :func:`fixed_utilities`)."""
-    q_prior, c_prior = prior_quality_cost(experts)
-    q, c = q_prior.double().clone(), c_prior.double().clone()
+    :func:`fixed_utilities`); with ``group``, over that group's contexts, shrunk towards the
+    pooled means with the same weight."""
+    if group is None:
+        q_prior, c_prior = prior_quality_cost(experts)
+        q, c, source = q_prior.double().clone(), c_prior.double().clone(), evidence.experts
+    else:
+        (q, c), source = _fixed_quality_cost(evidence, experts), evidence.groups.get(group, {})
     for i, expert in enumerate(experts):
-        ev = evidence.experts.get(_name(expert))
+        ev = source.get(_name(expert))
         if ev is not None and ev.rows > 0:
             q[i] = (ev.rows * ev.quality + PRIOR_ROWS * q[i]) / (ev.rows + PRIOR_ROWS)
             c[i] = (ev.rows * ev.cost + PRIOR_ROWS * c[i]) / (ev.rows + PRIOR_ROWS)
     return q, c
 
 
-def best_fixed(evidence: Evidence, experts: Sequence[Any], priority: float) -> int:
-    """Index of the best fixed expert for ``priority`` (see :func:`fixed_choices`)."""
+def _group_rows(evidence: Evidence, experts: Sequence[Any], group: str) -> Tensor:
+    """[N] float64: each expert's rows in ``group``."""
+    ev = evidence.groups.get(group, {})
+    return torch.tensor([float(ev[_name(e)].rows) if _name(e) in ev else 0.0 for e in experts], dtype=torch.float64)
+
+
+def best_fixed(evidence: Evidence, experts: Sequence[Any], priority: float, state: Tensor | None = None) -> int:
+    """Index of the best fixed expert for ``priority`` (see :func:`fixed_choices`; with ``state``
+    [64], for its group)."""
     lam = torch.tensor([[lambda_from_priority(priority)]], dtype=torch.float64)
-    return int(fixed_choices(evidence, experts, lam)[0])
+    return int(fixed_choices(evidence, experts, lam, states=None if state is None else state.reshape(1, -1))[0])
 
 
-def fixed_choices(evidence: Evidence, experts: Sequence[Any], lam: Tensor, z: float = Z) -> Tensor:
+def fixed_choices(evidence: Evidence, experts: Sequence[Any], lam: Tensor, z: float = Z,
+                  states: Tensor | None = None) -> Tensor:
     """The best fixed expert for each price ``lam`` [R, 1] -> indices [R].
 
-    The prior's pick (the untrained router's), unless the logged rows show another expert's
-    mean utility (:func:`fixed_utilities`) above it by more than ``z`` standard errors
+    The prior's pick, unless the logged rows show another expert's mean utility
+    (:func:`fixed_utilities`) above it by more than ``z`` standard errors
     (``DEFAULT_QUALITY_SD / sqrt(rows)`` per expert): the estimated best of a few noisy means is
-    not trusted over the prior until the data separates them.
+    not trusted over the prior until the data separates them. Without ``states`` the prior's
+    pick is the untrained router's and the rows are all the model's rows. With ``states``
+    [R, 64], per group of :data:`GROUPS`: the prior's pick is the group's in
+    :data:`PRIOR_FIXED` (the untrained router's when that expert is not in the pool), and the
+    rows are the group's own (means shrunk towards the pooled ones) where the group has
+    :data:`MIN_GROUP_ROWS` rows of both experts compared, else all the model's rows.
     """
     q_prior, c_prior = prior_quality_cost(experts)
-    prior = torch.argmax(q_prior.double()[None] - lam * c_prior.double()[None], dim=1)
-    q, c = _fixed_quality_cost(evidence, experts)
+    descriptor_prior = torch.argmax(q_prior.double()[None] - lam * c_prior.double()[None], dim=1)
+    pooled_rows = torch.tensor([float((evidence.experts.get(_name(e)) or ExpertEvidence(0, 0, 0)).rows)
+                                for e in experts], dtype=torch.float64)
+    pooled_q, pooled_c = _fixed_quality_cost(evidence, experts)
+    if states is None:
+        return _separated(pooled_q, pooled_c, pooled_rows, lam, descriptor_prior, z)
+    out = descriptor_prior.clone()
+    index = group_index(states)
+    for g, group in enumerate(GROUPS):
+        mask = index == g
+        if not bool(mask.any()):
+            continue
+        prior = prior_fixed(experts, lam[mask], group)
+        prior = torch.where(prior >= 0, prior, descriptor_prior[mask])
+        choice = _separated(pooled_q, pooled_c, pooled_rows, lam[mask], prior, z)
+        rows = _group_rows(evidence, experts, group)
+        if bool((rows >= MIN_GROUP_ROWS).any()):
+            q, c = _fixed_quality_cost(evidence, experts, group)
+            own = _separated(q, c, torch.where(rows >= MIN_GROUP_ROWS, rows, torch.zeros_like(rows)), lam[mask],
+                             prior, z)
+            choice = torch.where(rows[prior] >= MIN_GROUP_ROWS, own, choice)
+        out[mask] = choice
+    return out
+
+
+def _separated(q: Tensor, c: Tensor, rows: Tensor, lam: Tensor, prior: Tensor, z: float) -> Tensor:
+    """[R]: the expert of best mean utility ``q - lam c`` where it beats ``prior`` [R] by ``z``
+    standard errors (``DEFAULT_QUALITY_SD / sqrt(rows)`` per expert, none without rows), else ``prior``."""
     utility = q[None] - lam * c[None]  # [R, N]
-    best = torch.argmax(utility, dim=1)
-    rows = torch.tensor([float((evidence.experts.get(_name(e)) or ExpertEvidence(0, 0, 0)).rows) for e in experts],
-                        dtype=torch.float64)
-    var = torch.where(rows > 0, DEFAULT_QUALITY_SD ** 2 / rows.clamp_min(1), torch.full_like(rows, math.inf))
     r = torch.arange(len(lam))
+    candidates = (rows > 0)[None].repeat(len(lam), 1)
+    candidates[r, prior] = True
+    best = torch.argmax(torch.where(candidates, utility, torch.full_like(utility, -math.inf)), dim=1)
+    var = torch.where(rows > 0, DEFAULT_QUALITY_SD ** 2 / rows.clamp_min(1), torch.full_like(rows, math.inf))
     margin = utility[r, best] - utility[r, prior] - z * (var[best] + var[prior]).sqrt()
     return torch.where((best == prior) | (margin > 0), best, prior)
+
+
+# The best fixed expert with no data, per group: on the default pool, the expert with the smallest
+# worst-case regret over both yardsticks' training contexts (analytic 3,000 contexts, learned 100;
+# ``python -m bench.routing --fit-prior`` prints it), as (from priority, expert). The untrained
+# router's descriptor prior (router.model.PRIOR_INIT) gives the pooled table; img2img runs fewer
+# steps, so its best fixed expert is cheaper up to a higher priority.
+PRIOR_FIXED = {
+    "text-to-image": ((0.0, "SpeedDemon"), (0.375, "BalancedMaster"), (0.404, "QualityMaster")),
+    "img2img": ((0.0, "SpeedDemon"), (0.545, "BalancedMaster"), (0.697, "QualityMaster")),
+}
+
+
+def prior_fixed(experts: Sequence[Any], lam: Tensor, group: str) -> Tensor:
+    """[R]: index in ``experts`` of the group's :data:`PRIOR_FIXED` expert at each price ``lam``
+    [R, 1] (-1 where that expert is not in the pool)."""
+    names = [_name(e) for e in experts]
+    priorities = _priority_of(lam.reshape(-1))
+    table = PRIOR_FIXED[group]
+    out = []
+    for p in priorities.tolist():
+        name = [expert for start, expert in table if p >= start - 1e-9][-1]
+        out.append(names.index(name) if name in names else -1)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _priority_of(lam: Tensor) -> Tensor:
+    """The priority of each price (the inverse of :func:`~.policy.lambda_from_priority`)."""
+    low, high = lambda_from_priority(0.0), lambda_from_priority(1.0)
+    return (torch.log(lam.double() / low) / math.log(high / low)).clamp(0.0, 1.0)
 
 
 def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] = (), router: Router | None = None,
@@ -302,10 +411,32 @@ def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] =
     experts = {name: ExpertEvidence(int(n), qs / ws, cs / ws, sd.get(name, sd.get("*", DEFAULT_QUALITY_SD)))
                for name, (n, ws, qs, cs) in sums.items()}
     low = high = None
+    groups: dict[str, dict[str, ExpertEvidence]] = {}
     if rows:
         states = torch.tensor([r.state for r in rows], dtype=torch.float32)
         low, high = tuple(states.min(0).values.tolist()), tuple(states.max(0).values.tolist())
-    return Evidence(len(rows), trusted, experts, low, high)
+        index = group_index(states).tolist()
+        held_index = group_index(torch.tensor([r.state for r in heldout], dtype=torch.float32)).tolist() \
+            if heldout else []
+        for g, group in enumerate(GROUPS):
+            members = [row for row, i in zip(rows, index) if i == g]
+            if not members:
+                continue
+            group_sums: dict[str, list[float]] = {}
+            for row in members:
+                w = 1.0 / row.propensity
+                s = group_sums.setdefault(row.expert, [0, 0.0, 0.0, 0.0])
+                s[0] += 1
+                s[1] += w
+                s[2] += w * row.quality
+                s[3] += w * row.cost
+            held = [row for row, i in zip(heldout, held_index) if i == g]
+            group_sd = _heldout_rmse(router, held, descriptors) if router is not None and descriptors else {}
+            groups[group] = {
+                name: ExpertEvidence(int(n), qs / ws, cs / ws,
+                                     group_sd.get(name, group_sd.get("*", experts[name].quality_sd)))
+                for name, (n, ws, qs, cs) in group_sums.items()}
+    return Evidence(len(rows), trusted, experts, low, high, groups)
 
 
 def _heldout_rmse(router: Router, heldout: Sequence[LoggedRow],
@@ -370,7 +501,8 @@ class GuardedPolicy:
     @property
     def phase(self) -> str:
         """``"learning"`` until the router was updated from ``min_rows`` rows and trusted."""
-        return "guarded" if self.evidence.trusted and self.evidence.rows >= self.min_rows else "learning"
+        trusted = self.evidence.trusted or any(self.evidence.trusted_groups.values())
+        return "guarded" if trusted and self.evidence.rows >= self.min_rows else "learning"
 
     def greedy(self, state: Tensor, experts: Sequence[Any], priority: float) -> tuple[int, int, Tensor, Tensor, Tensor]:
         """(greedy index, fixed index, quality [N], cost [N], gain lower bounds [N]) for one state [64]."""
@@ -384,7 +516,7 @@ class GuardedPolicy:
         there is no evidence)."""
         n = len(experts)
         lam = torch.tensor([lambda_from_priority(p) for p in priorities], dtype=torch.float64)[:, None]
-        fixed = fixed_choices(self.evidence, experts, lam, self.z)
+        fixed = fixed_choices(self.evidence, experts, lam, self.z, states)
         quality, cost = self.predict_batch(states, experts)
         rows = torch.arange(len(states))
         bounds = torch.full((len(states), n), -math.inf, dtype=torch.float64)
@@ -398,12 +530,24 @@ class GuardedPolicy:
             if ev is not None and ev.rows > 0:
                 var[i], count[i] = ev.quality_sd ** 2, ev.rows
         known = count > 0
-        per_expert = torch.where(known, var / count.clamp_min(1), torch.full_like(var, math.inf))
-        se = (per_expert[None, :] + per_expert[fixed][:, None]).sqrt()  # [R, N]
+        pooled = torch.where(known, var / count.clamp_min(1), torch.full_like(var, math.inf))
+        per_expert = pooled[None].repeat(len(states), 1)  # [R, N]: the group's where it has enough rows
+        index = group_index(states)
+        trusted = torch.ones(len(states), dtype=torch.bool)
+        for g, group in enumerate(GROUPS):
+            mask = index == g
+            trusted[mask] = self.evidence.trusted_in(group)
+            ev_g = self.evidence.groups.get(group, {})
+            for i, expert in enumerate(experts):
+                ev = ev_g.get(_name(expert))
+                if ev is not None and ev.rows >= MIN_GROUP_ROWS:
+                    per_expert[mask, i] = ev.quality_sd ** 2 / ev.rows
+        se = (per_expert + per_expert[rows, fixed][:, None]).sqrt()  # [R, N]
         gain = utility - utility[rows, fixed][:, None]
         bounds = torch.where(torch.isfinite(se), gain - self.z * se, torch.full_like(gain, -math.inf))
         bounds[rows, fixed] = 0.0
-        bounds = torch.where(self.evidence.known(states)[:, None], bounds, torch.full_like(bounds, -math.inf))
+        bounds = torch.where((self.evidence.known(states) & trusted)[:, None], bounds,
+                             torch.full_like(bounds, -math.inf))
         bounds[rows, fixed] = 0.0
         allowed = bounds > 0
         allowed[rows, fixed] = True
@@ -621,8 +765,21 @@ def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[An
     values = policy_values(policies, heldout, experts, seed=seed,
                            pairs=[("candidate", "current"), ("candidate", "fixed")], reward_model=candidate)
     v = values["values"]
-    beats_fixed = math.isfinite(v["candidate"]) and math.isfinite(v["fixed"]) and v["candidate"] >= v["fixed"]
-    candidate_evidence = dataclasses.replace(candidate_evidence, trusted=beats_fixed)
+    # Trusted (free to deviate) only where its deviations showed a gain: a tie means none was seen.
+    beats_fixed = math.isfinite(v["candidate"]) and math.isfinite(v["fixed"]) and v["candidate"] > v["fixed"]
+    trusted_groups, values["groups"] = {}, {}
+    if heldout:
+        held_index = group_index(torch.tensor([r.state for r in heldout], dtype=torch.float32)).tolist()
+        for g, group in enumerate(GROUPS):
+            held = [r for r, i in zip(heldout, held_index) if i == g]
+            if len(held) < min_heldout:
+                continue  # too few held-out rows in the group: it follows the pooled verdict
+            vg = policy_values({"candidate": policies["candidate"], "fixed": policies["fixed"]}, held, experts,
+                               bootstrap=0, seed=seed, reward_model=candidate)["values"]
+            values["groups"][group] = {"rows": len(held), **vg}
+            trusted_groups[group] = (math.isfinite(vg["candidate"]) and math.isfinite(vg["fixed"])
+                                     and vg["candidate"] > vg["fixed"])
+    candidate_evidence = dataclasses.replace(candidate_evidence, trusted=beats_fixed, trusted_groups=trusted_groups)
     if len(heldout) < min_heldout:
         adopted, reason = False, f"{len(heldout)} held-out rows, {min_heldout} needed to judge it"
     elif not math.isfinite(v["candidate"]) or not math.isfinite(v["current"]):
@@ -632,7 +789,7 @@ def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[An
     else:
         adopted = True
         reason = ("not worse than the current router on held-out rows"
-                  + ("" if beats_fixed else "; below the best fixed expert there, so it keeps the best fixed expert"))
+                  + ("" if beats_fixed else "; not above the best fixed expert there, so it keeps the best fixed expert"))
     candidate.training = {
         **candidate.training, "model": model if model is not None else current.training.get("model"),
         "guard": candidate_evidence.to_json(),

@@ -175,3 +175,44 @@ def test_guarded_policy_follows_the_expert_that_the_sweep_rows_show_best():
     choose0, result0 = routing.guarded_policy(_fake_env(n), table, 0, pool, seed=0, model="toy", heldout_env=heldout)
     assert not result0.adopted
     assert len(set(choose0(0.5).tolist())) == 1
+
+
+# ----------------------------------------------------------------------------- the untrained router's prior
+
+
+def _three_expert_tables():
+    """Two yardsticks over SpeedDemon / BalancedMaster / QualityMaster: on 'a' the many-call expert
+    is worth its calls from a lower priority than on 'b'."""
+    names = ("SpeedDemon", "BalancedMaster", "QualityMaster")
+    nfe = np.array([[10, 20, 41]] * 2)
+    a = routing.Table(names, np.array([[0.55, 0.75, 0.95]] * 2), nfe)
+    b = routing.Table(names, np.array([[0.60, 0.76, 0.90]] * 2), nfe)
+    return names, {"a": a, "b": b}
+
+
+def test_minimax_regret_is_the_worst_regret_over_the_yardsticks():
+    names, tables = _three_expert_tables()
+    grid = (0.0, 0.5, 1.0)
+    regret = routing.minimax_regrets(tables, grid)
+    assert regret.shape == (3, 3) and (regret >= 0).all()
+    for i, p in enumerate(grid):
+        per = [t.utility(p)[0].max() - t.utility(p)[0] for t in tables.values()]
+        assert regret[i] == pytest.approx(np.maximum(*per))
+    assert names[int(regret[0].argmin())] == "SpeedDemon" and names[int(regret[2].argmin())] == "QualityMaster"
+
+
+def test_fit_prior_reaches_the_minimax_picks_and_the_shipped_prior_is_near_them():
+    from moe_sampler.experts import get_expert
+    from moe_sampler.router.model import PRIOR_INIT
+
+    names, tables = _three_expert_tables()
+    pool = [get_expert(n) for n in names]
+    grid = tuple(round(0.02 * i, 2) for i in range(51))
+    theta, info = routing.fit_prior(tables, pool, grid=grid)
+    assert info["regret_mean"] <= info["bound_mean"] + 1e-4 + 1e-9
+    assert info["regret_mean"] <= routing.prior_regrets(PRIOR_INIT, tables, pool, grid).mean() + 1e-9
+    assert theta[4] == PRIOR_INIT[4]  # the stochastic penalty is not fitted
+    points = routing.switch_points(theta, pool, grid)
+    assert points[0] == (0.0, "SpeedDemon") and points[-1][1] == "QualityMaster"
+    q, c = routing.prior_outcomes(theta, pool)
+    assert q.shape == c.shape == (3,) and (np.diff(q) > 0).all() and (np.diff(c) > 0).all()

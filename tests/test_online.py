@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import random
 import threading
 
@@ -16,7 +17,10 @@ import torch
 from moe_sampler.experts import default_pool
 from moe_sampler.router.environment import AnalyticEnvironment, Conditions
 from moe_sampler.router.model import Router, RouterLoadError
+from moe_sampler.router.features import DENOISE_SLOT
 from moe_sampler.router.online import (
+    MIN_GROUP_ROWS,
+    PRIOR_FIXED,
     Evidence,
     ExpertEvidence,
     GuardedPolicy,
@@ -202,41 +206,105 @@ class StubRouter:
         return q, c
 
 
-def _state() -> torch.Tensor:
-    return torch.zeros(64)
+def _state(denoise: float = 1.0) -> torch.Tensor:
+    state = torch.zeros(64)
+    state[DENOISE_SLOT] = 2 * denoise - 1  # text-to-image by default
+    return state
 
 
-@pytest.mark.parametrize("priority,expected", [(0.0, "SpeedDemon"), (0.5, "BalancedMaster"), (1.0, "QualityMaster")])
+@pytest.mark.parametrize("priority,expected", [(0.0, "SpeedDemon"), (0.44, "BalancedMaster"), (0.5, "QualityMaster"),
+                                               (1.0, "QualityMaster")])
 def test_without_data_the_guard_uses_the_priors_best_fixed_expert(priority, expected):
-    assert best_fixed(Evidence(), POOL, priority) == NAMES.index(expected)
+    assert best_fixed(Evidence(), POOL, priority) == NAMES.index(expected)  # pooled: the untrained router's pick
     # even a router that is sure another expert is far better does not move it without data
     sure = StubRouter({n: (0.99 if n == "NoiseAdaptive" else 0.1) for n in NAMES})
     choice = GuardedPolicy(sure, Evidence(), epsilon=0.0).select(_state(), POOL, priority, seed=1)
     assert choice.phase == "learning"
-    assert choice.selection.expert == expected and choice.fixed_expert == expected
+    t2i = [name for start, name in PRIOR_FIXED["text-to-image"] if priority >= start][-1]  # its group's
+    assert choice.selection.expert == t2i and choice.fixed_expert == t2i
     assert choice.selection.propensity == 1.0
 
 
-def _evidence(rows_per_expert: int, sd: float = 0.1) -> Evidence:
-    experts = {e.name: ExpertEvidence(rows_per_expert, 0.6, float(cost_from_nfe(e.descriptor.max_nfe)), sd)
+@pytest.mark.parametrize("priority,t2i,img2img", [(0.0, "SpeedDemon", "SpeedDemon"),
+                                                  (0.5, "QualityMaster", "SpeedDemon"),
+                                                  (0.6, "QualityMaster", "BalancedMaster"),
+                                                  (1.0, "QualityMaster", "QualityMaster")])
+def test_without_data_the_fixed_expert_is_the_groups(priority, t2i, img2img):
+    # img2img runs a share of the steps: its best fixed expert is cheaper up to a higher priority
+    policy = GuardedPolicy(Router.default(), Evidence(), epsilon=0.0)
+    states = torch.stack([_state(1.0), _state(0.5), _state(0.2)])
+    picks = policy.greedy_batch(states, POOL, [priority] * 3)[0].tolist()
+    assert [NAMES[i] for i in picks] == [t2i, img2img, img2img]
+    assert NAMES[best_fixed(Evidence(), POOL, priority, _state(0.5))] == img2img
+    # a pool without the table's expert falls back to the untrained router's pick
+    without = [e for e in POOL if e.name != img2img]
+    pick = without[int(policy.greedy_batch(states[1:2], without, [priority])[0][0])].name
+    assert pick == without[Router.default().select(_state(0.5), without, priority).index].name
+
+
+def test_a_groups_own_rows_move_its_fixed_expert_and_too_few_fall_back_to_the_pooled():
+    priority = 0.5
+    pooled = {e.name: ExpertEvidence(40, 0.95 if e.name == "QualityMaster" else 0.5,
+                                     float(cost_from_nfe(e.descriptor.max_nfe))) for e in POOL}
+
+    def evidence(group_rows):
+        group = {e.name: ExpertEvidence(group_rows, 0.3, float(cost_from_nfe(e.descriptor.max_nfe))) for e in POOL}
+        group["NoiseAdaptive"] = dataclasses.replace(group["NoiseAdaptive"], quality=0.95)
+        return Evidence(200, True, pooled, groups={"img2img": group})
+
+    img2img = _state(0.5)
+    # 40 img2img rows of each expert: NoiseAdaptive is clearly the best there, not on text-to-image
+    assert NAMES[best_fixed(evidence(40), POOL, priority, img2img)] == "NoiseAdaptive"
+    assert NAMES[best_fixed(evidence(40), POOL, priority, _state())] == "QualityMaster"
+    # 2 rows each: below MIN_GROUP_ROWS, the pooled rows decide (QualityMaster, clearly above the
+    # table's SpeedDemon there); without any rows the table's pick stays
+    assert 2 < MIN_GROUP_ROWS
+    assert NAMES[best_fixed(evidence(2), POOL, priority, img2img)] == "QualityMaster"
+    assert NAMES[best_fixed(Evidence(), POOL, priority, img2img)] == "SpeedDemon"
+    # the evidence, groups included, travels with the router file
+    assert Evidence.from_json(json.loads(json.dumps(evidence(40).to_json()))) == evidence(40)
+
+
+def test_the_guard_deviates_only_in_groups_where_the_router_beat_the_fixed_expert():
+    priority = 0.5
+    nfe = {e.name: e.descriptor.max_nfe for e in POOL}
+    lam = lambda_from_priority(priority)
+    q_noise = 0.75 + 0.2 + lam * (float(cost_from_nfe(nfe["NoiseAdaptive"])) - float(cost_from_nfe(nfe["QualityMaster"])))
+    router = StubRouter({n: (q_noise if n == "NoiseAdaptive" else (0.75 if n == "QualityMaster" else 0.2))
+                         for n in NAMES})
+    trusted = _evidence(200)
+    both = GuardedPolicy(router, trusted, epsilon=0.0, min_rows=10)
+    assert both.select(_state(), POOL, priority).selection.expert == "NoiseAdaptive"
+    only_img2img = dataclasses.replace(trusted, trusted_groups={"text-to-image": False, "img2img": True})
+    policy = GuardedPolicy(router, only_img2img, epsilon=0.0, min_rows=10)
+    assert policy.phase == "guarded"
+    assert policy.select(_state(), POOL, priority).selection.expert == "QualityMaster"  # the fixed expert
+    assert policy.select(_state(0.5), POOL, priority).selection.expert == "NoiseAdaptive"
+    assert Evidence.from_json(only_img2img.to_json()).trusted_groups == only_img2img.trusted_groups
+    assert GuardedPolicy(router, dataclasses.replace(trusted, trusted=False, trusted_groups={"img2img": False}),
+                         epsilon=0.0, min_rows=10).phase == "learning"
+
+
+def _evidence(rows_per_expert: int, sd: float = 0.1, best: str = "QualityMaster") -> Evidence:
+    experts = {e.name: ExpertEvidence(rows_per_expert, 0.3, float(cost_from_nfe(e.descriptor.max_nfe)), sd)
                for e in POOL}
-    experts["BalancedMaster"] = dataclasses.replace(experts["BalancedMaster"], quality=0.75)
+    experts[best] = dataclasses.replace(experts[best], quality=0.75)
     return Evidence(rows=rows_per_expert * len(POOL), trusted=True, experts=experts)
 
 
 def test_the_guard_deviates_only_when_the_bound_on_the_gain_is_positive():
     priority = 0.5
-    gain = 0.05  # predicted utility gain of NoiseAdaptive over the fixed expert (BalancedMaster)
+    gain = 0.05  # predicted utility gain of NoiseAdaptive over the fixed expert (QualityMaster)
     nfe = {e.name: e.descriptor.max_nfe for e in POOL}
     lam = lambda_from_priority(priority)
     q_fixed = 0.75
-    q_noise = q_fixed + gain + lam * (float(cost_from_nfe(nfe["NoiseAdaptive"])) - float(cost_from_nfe(nfe["BalancedMaster"])))
-    router = StubRouter({n: (q_noise if n == "NoiseAdaptive" else (q_fixed if n == "BalancedMaster" else 0.2))
+    q_noise = q_fixed + gain + lam * (float(cost_from_nfe(nfe["NoiseAdaptive"])) - float(cost_from_nfe(nfe["QualityMaster"])))
+    router = StubRouter({n: (q_noise if n == "NoiseAdaptive" else (q_fixed if n == "QualityMaster" else 0.2))
                          for n in NAMES})
     # few rows: sd 0.1, 5 rows each -> bound 0.05 - 1.64 * 0.063 < 0: stays with the fixed expert
     few = GuardedPolicy(router, _evidence(5), epsilon=0.0, min_rows=10).select(_state(), POOL, priority)
-    assert few.phase == "guarded" and few.fixed_expert == "BalancedMaster"
-    assert few.selection.expert == "BalancedMaster"
+    assert few.phase == "guarded" and few.fixed_expert == "QualityMaster"
+    assert few.selection.expert == "QualityMaster"
     assert few.gain_bounds[NAMES.index("NoiseAdaptive")] < 0
     # many rows: 200 each -> bound 0.05 - 1.64 * 0.01 > 0: deviates
     many = GuardedPolicy(router, _evidence(200), epsilon=0.0, min_rows=10).select(_state(), POOL, priority)
@@ -245,7 +313,7 @@ def test_the_guard_deviates_only_when_the_bound_on_the_gain_is_positive():
     # not trusted (it did not beat the best fixed expert on held-out rows): learning phase
     untrusted = dataclasses.replace(_evidence(200), trusted=False)
     assert GuardedPolicy(router, untrusted, epsilon=0.0).select(_state(), POOL, priority).selection.expert == \
-        "BalancedMaster"
+        "QualityMaster"
 
 
 def test_exploration_is_epsilon_greedy_with_logged_propensities():
@@ -272,16 +340,16 @@ def test_after_an_update_on_enough_rows_the_guard_leaves_the_learning_phase(swee
 
 
 def test_logged_rows_move_the_best_fixed_expert_only_when_they_separate_it_from_the_prior():
-    priority = 0.5  # the prior's pick: BalancedMaster
-    better = "QualityMaster"
+    priority = 0.5  # the prior's pick: QualityMaster
+    better = "BalancedMaster"
 
     def evidence(rows):
         experts = {e.name: ExpertEvidence(rows, 0.5, float(cost_from_nfe(e.descriptor.max_nfe))) for e in POOL}
         experts[better] = dataclasses.replace(experts[better], quality=0.95)
         return Evidence(rows * len(POOL), True, experts)
 
-    # QualityMaster's logged mean utility beats BalancedMaster's by about 0.3; 2 rows each cannot show it
-    assert NAMES[best_fixed(evidence(2), POOL, priority)] == "BalancedMaster"
+    # BalancedMaster's logged mean utility beats QualityMaster's by about 0.6; 2 rows each cannot show it
+    assert NAMES[best_fixed(evidence(2), POOL, priority)] == "QualityMaster"
     assert NAMES[best_fixed(evidence(40), POOL, priority)] == better
 
 
@@ -292,7 +360,7 @@ def test_the_guard_keeps_the_fixed_expert_on_a_context_unlike_any_logged_one():
     q_noise = 0.75 + 0.2 + lam * (float(cost_from_nfe(nfe["NoiseAdaptive"])) - float(cost_from_nfe(nfe["BalancedMaster"])))
     router = StubRouter({n: (q_noise if n == "NoiseAdaptive" else (0.75 if n == "BalancedMaster" else 0.2))
                          for n in NAMES})
-    logged = dataclasses.replace(_evidence(200), state_low=(0.0,) * 64, state_high=(0.5,) * 64)
+    logged = dataclasses.replace(_evidence(200, best="BalancedMaster"), state_low=(0.0,) * 64, state_high=(0.5,) * 64)
     policy = GuardedPolicy(router, logged, epsilon=0.0, min_rows=10)
     inside = torch.full((64,), 0.25)
     outside = inside.clone()
