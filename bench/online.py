@@ -92,10 +92,17 @@ def run_expert(env, context, expert, truth: bool = True):
     return out, run.nfe, calibration_inputs(report, cfg=getattr(context, "cfg", None)), error
 
 
-def run_audit(env, context, output, reference_expert) -> tuple[float, int]:
+def run_audit(env, context, output, reference_expert, expert=None) -> tuple[float, int]:
     """(relative error of ``output`` against the audit reference, the reference's model calls):
-    the sampler's audit, from the same noise (the reference's own start, as ComfyUI truncates it)."""
-    sigmas = reference_expert.sigmas(env.schedule_for(context), context.denoise)
+    the sampler's audit, from the same noise and, given the audited ``expert``, the same start
+    (:func:`moe_sampler.experts.reference.audit_sigmas`)."""
+    from moe_sampler.experts.reference import audit_sigmas
+
+    schedule = env.schedule_for(context)
+    if expert is None:
+        sigmas = reference_expert.sigmas(schedule, context.denoise)
+    else:
+        sigmas = audit_sigmas(reference_expert, env.expert_sigmas(context, expert), schedule, context.denoise)
     x = env.initial_latent(context, float(sigmas[0]))
     ref, run = reference_expert.run(env.model_for(context), x, sigmas, extra_args=env.extra_args(context))
     if output is None:
@@ -250,7 +257,7 @@ def simulate(seed: int, generations: int, audit_rate: float, every: int, epsilon
         skipped += draw.skipped
         if draw.audit:
             audits += 1
-            audit_error, audit_calls = run_audit(side.stream, context, out, reference)
+            audit_error, audit_calls = run_audit(side.stream, context, out, reference, expert)
             feedback, source = float(quality_from_error(audit_error)) if math.isfinite(audit_error) else 0.0, "audit"
             audit_errors.append(abs(feedback - quality))
             if inputs is not None and math.isfinite(audit_error):

@@ -150,6 +150,22 @@ def reference_expert(max_calls: int, steps: int = 100, rtol: float = REFERENCE_R
                   options={"rtol": rtol, "max_calls": max_calls, "notes": notes})
 
 
+def audit_sigmas(reference: Expert, expert_sigmas: Tensor, schedule: Any, denoise: float = 1.0) -> Tensor:
+    """The reference's schedule for auditing a run whose expert used ``expert_sigmas``: it starts
+    where the expert started. With ``denoise < 1`` (img2img) each schedule truncates at its own
+    level, and a start a percent apart is another initial value problem (the clean latent plus
+    more or less noise); solved from its own start the reference would grade the expert against
+    another image (on the analytic yardstick: 0.13 mean quality error). Only the first and the
+    last nonzero sigma matter to :func:`dormand_prince_sampler`, so the schedule is ``[the expert's
+    start, the reference's last nonzero sigma, 0]`` (the reference's own when the expert starts at
+    or below that)."""
+    sigmas = reference.sigmas(schedule, denoise)
+    start, end = float(expert_sigmas[0]), float(sigmas[sigmas > 0][-1])
+    if start <= end:
+        return sigmas
+    return torch.tensor([start, end, 0.0], dtype=sigmas.dtype)
+
+
 # ----------------------------------------------------------------------------- the audit budget
 
 

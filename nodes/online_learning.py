@@ -311,9 +311,9 @@ def note_calls(key: str, attempts: Sequence[Any], audit: "Audit | None", draw: A
     """Add a finished run's model calls (every attempt's) and its audit's to the model's ledger;
     returns what its row keeps under ``details.audit``: ``rate``, ``probability`` (the run's chance
     of an audit given the history: ``rate``, 1 when a coin kept from a skipped run was due, 0 while
-    the budget was spent), ``skipped``, ``nfe`` (the audit's
-    model calls, or None), ``share`` (the audits' share of the model's calls after this run) and
-    ``budget``; None with audits off (``audit_rate`` 0)."""
+    the budget was spent), ``skipped``, ``nfe`` (the audit's model calls, or None), ``share`` (the
+    audits' share of the model's calls after this run) and ``budget``; None with audits off
+    (``audit_rate`` 0)."""
     budget = audit_budget() if budget is None else budget
     budget.note(key, sum(int(getattr(a, "nfe", 0) or 0) for a in attempts), None if audit is None else audit.nfe)
     if audit_rate <= 0.0:
@@ -324,12 +324,15 @@ def note_calls(key: str, attempts: Sequence[Any], audit: "Audit | None", draw: A
 
 
 def run_audit(model: Any, positive: Any, negative: Any, latent_image: dict, seed: int, cfg: float, denoise: float,
-              samples: Any) -> Audit:
+              samples: Any, expert: Any = None) -> Audit:
     """Run the reference from the same noise and score ``samples`` (the expert's output) against it.
 
     The reference is the training environment's (:func:`~.comfy_environment.reference_expert`
-    with :data:`~.comfy_environment.REFERENCE_STEPS`); no previews, no fallback. ComfyUI's interrupt propagates;
-    any other failure gives an :class:`Audit` with ``error`` set.
+    with :data:`~.comfy_environment.REFERENCE_STEPS`); no previews, no fallback. Given the audited
+    ``expert``, it starts where the expert started
+    (:func:`~moe_sampler.experts.reference.audit_sigmas`: with img2img each schedule truncates at
+    its own level). ComfyUI's interrupt propagates; any other failure gives an :class:`Audit`
+    with ``error`` set.
     """
     import torch
 
@@ -340,10 +343,16 @@ def run_audit(model: Any, positive: Any, negative: Any, latent_image: dict, seed
     attempts: list = []
     reference_expert = _reference_expert(AUDIT_STEPS or REFERENCE_STEPS)
     try:
+        sigmas = None
+        if expert is not None:
+            from ..experts.reference import audit_sigmas
+
+            schedule = bridge.schedule_for(model)
+            sigmas = audit_sigmas(reference_expert, expert.sigmas(schedule, denoise), schedule, denoise)
         with torch.inference_mode():
             latent, report = bridge.sample_with_expert(model, reference_expert, positive, negative, latent_image, seed,
-                                                       cfg, denoise, preview=False, disable_pbar=True, fallback=None,
-                                                       attempts=attempts)
+                                                       cfg, denoise, sigmas=sigmas, preview=False, disable_pbar=True,
+                                                       fallback=None, attempts=attempts)
     except (RuntimeError, ValueError, ArithmeticError) as exc:  # ComfyUI's interrupt is none of these
         logger.warning("MoE audit failed: %s", exc)
         nfe = attempts[-1].nfe if attempts else 0

@@ -29,7 +29,8 @@ online_learning = import_node_module("online_learning")
 from moe_sampler.experts import default_pool  # noqa: E402
 from moe_sampler.experts.analytic import AnalyticModel, PromptSpec  # noqa: E402
 from moe_sampler.experts.base import CountingDenoiser  # noqa: E402
-from moe_sampler.experts.reference import AUDIT_SHARE, AuditBudget, dormand_prince_sampler, reference_expert  # noqa: E402
+from moe_sampler.experts.reference import (AUDIT_SHARE, AuditBudget, audit_sigmas, dormand_prince_sampler,  # noqa: E402
+                                           reference_expert)
 from moe_sampler.router.environment import DormandPrince  # noqa: E402
 
 
@@ -122,6 +123,28 @@ def test_trainer_and_audits_use_the_dormand_prince_reference():
     assert audit.options["max_calls"] == 4 * environment_module.REFERENCE_STEPS
     with pytest.raises(environment_module.TrainingInputError, match="^reference_steps"):
         environment_module.reference_expert(0)
+
+
+def test_an_img2img_audit_starts_where_the_expert_started(analytic):
+    """Each schedule truncates at its own level for img2img: the audit's reference must solve the
+    expert's own initial value problem, or it grades the expert against another image."""
+    model, schedule = analytic
+    reference = reference_expert(400)
+    starts = {float(e.sigmas(schedule, 0.6)[0]): e for e in default_pool()}
+    expert = next(e for start, e in starts.items() if start != float(reference.sigmas(schedule, 0.6)[0]))
+    for denoise in (1.0, 0.6, 0.3):
+        own = expert.sigmas(schedule, denoise)
+        sigmas = audit_sigmas(reference, own, schedule, denoise)
+        assert float(sigmas[0]) == float(own[0]) and float(sigmas[-1]) == 0.0
+        assert float(sigmas[sigmas > 0][-1]) == pytest.approx(schedule.sigma_min)
+        assert bool((sigmas[1:] < sigmas[:-1]).all())
+    x = model.initial_noise(1, 11, 1.0).double()
+    own = expert.sigmas(schedule, 0.6)
+    out, _ = reference.run(model, x * float(own[0]), audit_sigmas(reference, own, schedule, 0.6),
+                           extra_args={"cond": 0, "cfg": 5.0})
+    assert torch.isfinite(out).all()
+    below = torch.tensor([schedule.sigma_min * 0.5, 0.0])  # an expert starting below the reference's end
+    assert torch.equal(audit_sigmas(reference, below, schedule, 0.6), reference.sigmas(schedule, 0.6))
 
 
 @pytest.mark.parametrize(("expert_calls", "audit_calls"), [(30, 400), (35, 90), (10, 400)])
