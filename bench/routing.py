@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m bench.routing [--quick] [--workers 2] [--seed 0]
         [--yardsticks analytic,learned] [--cache FILE] [--analytic-sizes T,H,C,S] [--learned-sizes T,H,C,S]
+        [--fit-prior] [--no-analytic-curves]
 
 Two yardsticks, side by side: the analytic Gaussian-mixture model (exact references; training
 and held-out contexts come from different prompts (knob values), noise seeds and guidance
@@ -16,12 +17,16 @@ that no router can reach: the oracle knows how each expert fares on *this* noise
 router sees only the conditions. The "noise-blind ceiling" picks, per held-out context, the
 expert with the best utility averaged over other seeds of the same conditions.
 
-Per yardstick (default pool), the closed gap with a bootstrap 95% interval at every priority,
-on all held-out contexts and split text-to-image / img2img, of: the untrained router; routers
-trained by full sweep on 10, 30, 100 and all training contexts of that yardstick; the router
-trained on the other yardstick; the guarded policy of ``router.online`` after one online update
-from the same sweep rows (issue 8, items 5 and 6); and model calls saved at equal mean quality
-against every fixed expert. On the analytic model also the earlier report: two pools (the
+First the untrained router's fixed pick per priority against the expert of smallest worst-case
+regret over the yardsticks' training contexts, pooled and per group (text-to-image / img2img;
+``--fit-prior`` refits ``router.model.PRIOR_INIT`` to it; the per-group table is
+``router.online.PRIOR_FIXED``). Then per yardstick (default pool), the closed gap with a
+bootstrap 95% interval at every priority, on all held-out contexts and split text-to-image /
+img2img, of: the untrained router; routers trained by full sweep on 10, 30, 100, 300, 1000 and
+all training contexts of that yardstick; the router trained on the other yardstick; the guarded
+policy of ``router.online`` with no data (its per-group fixed experts) and after one online
+update from the same sweep rows (issue 8, items 5 and 6); and model calls saved at equal mean
+quality against every fixed expert. On the analytic model also the earlier report: two pools (the
 default pool, and a labelled bench pool that adds members built from the same solvers with
 other step counts and schedules, as users build with the MoE Expert node), learning curves of
 sweep and bandit training.
@@ -66,6 +71,7 @@ MODELS = {"train": 240, "heldout": 40}  # two prompts per analytic model
 CONDITIONS = {"varied": VARIED_CONDITIONS, "standard": STANDARD_CONDITIONS}
 SEED_STRIDE = 7919
 SWEEP_EPOCHS = 2  # sweep training: episodes per training context (a context drawn again reuses its runs)
+GUARD_STEPS_PER_CONTEXT = 8  # Adam steps of the guarded policy's update: SWEEP_EPOCHS x the trainer's 4 per episode
 MIN_GAP = 0.005  # utility (0.015 decades of error)
 BENCH_EXTRAS = (  # (base expert, name, steps, schedule): same solvers, other budgets/schedules
     ("SpeedDemon", "bench:2M-karras-6", 6, "karras"),
@@ -622,12 +628,16 @@ def sweep_rows(env, table: Table, rows: int, seed: int) -> list:
 
 def guarded_policy(env, table: Table, rows: int, pool, seed: int, model: str, heldout_env):
     """The product's protection (``router.online``): one online update of the untrained router from
-    the sweep rows of the first ``rows`` training contexts; the adopted candidate's guarded policy
+    the sweep rows of the first ``rows`` training contexts (``GUARD_STEPS_PER_CONTEXT`` Adam steps
+    per context, as the sweep trainer); the adopted candidate's guarded policy
     (greedy, no exploration), or the untrained router's (the prior's fixed expert) when the update
     is not adopted. Returns ``(priority -> picks [n] on the held-out contexts, UpdateResult)``."""
     from moe_sampler.router.online import GuardedPolicy, update
 
-    result = update(Router.default(), sweep_rows(env, table, rows, seed), pool, model=model, seed=seed)
+    # As many Adam steps as the sweep-trained router of the same rows (the product's background
+    # update caps a single update at 600; its later updates continue from the adopted router).
+    result = update(Router.default(), sweep_rows(env, table, rows, seed), pool, model=model, seed=seed,
+                    steps=max(GUARD_STEPS_PER_CONTEXT * rows, 100))
     policy = GuardedPolicy.for_router(result.candidate if result.adopted else Router.default(), epsilon=0.0)
     contexts = heldout_env.contexts
 
@@ -694,6 +704,14 @@ def report_policies(label: str, table: Table, env, policies: dict, seed: int, ro
     return out
 
 
+def _contexts_seen(policy: str) -> int:
+    """Training contexts of this model behind a policy row (0 for the untrained router and the
+    other yardstick's router)."""
+    if policy.startswith(("sweep-trained", "guarded")):
+        return int(policy.split(", ")[1].split()[0])
+    return 0
+
+
 def report_calls_saved(table: Table, policies: dict) -> None:
     """Model calls saved at equal mean quality against each fixed expert, for each policy (and the
     per-context oracle): the cheapest priority whose mean quality reaches the expert's."""
@@ -752,6 +770,10 @@ def side_by_side(sweeps: dict[str, Sweeps], seed: int, curve: tuple[int, ...]) -
                 results[y][group] = report_policies(f"{y}, {group}", table, sw.heldout_env, fixed, seed, rows)
         for n, result in updates.items():
             print(f"guarded, {n} contexts: update {result.summary()}")
+        below = [f"{name} / {part} / p = {p:g}: {hi:+.4f}" for part, table_ in results[y].items()
+                 for name, cells in table_.items() for p, (_, _, hi) in cells.items()
+                 if hi < 0 and _contexts_seen(name) >= 30]
+        print(f"upper bounds below 0 with >= 30 contexts seen ({y}): " + ("; ".join(below) if below else "none"))
         report_calls_saved(table, {k: v for k, v in policies.items() if not k.startswith("guarded")})
         print(f"({y} report {time.perf_counter() - start:.0f} s)")
     return results
