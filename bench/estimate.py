@@ -40,11 +40,15 @@ ensure_moe_sampler()
 
 from moe_sampler.experts import Expert, default_pool  # noqa: E402
 from moe_sampler.experts.analytic import quality_from_error  # noqa: E402
-from moe_sampler.experts.observer import FidelityEstimator, error_estimate  # noqa: E402
-from moe_sampler.router.calibration import FEATURES, Calibration, calibration_inputs  # noqa: E402
+from moe_sampler.experts.observer import FidelityEstimator, error_estimate, planned_end  # noqa: E402
+from moe_sampler.router.calibration import DEFAULT_FEATURES, Calibration, calibration_inputs  # noqa: E402
 from moe_sampler.router.environment import AnalyticEnvironment  # noqa: E402
 
 FIRST_LOOK = ("log10_first_order",)
+# The calibration's features before ``remaining``, ``local_plain``, ``local_last`` and ``last_change``.
+PREVIOUS = ("log10_estimate", "log10_first_order", "log10_tail", "log_sigma_start", "log_sigma_end", "log_cfg", "log_nfe",
+            "log_scale")
+BOOTSTRAP = 1000  # resamples for the Spearman intervals
 
 
 def collect(split: str, seed: int, n: int, experts: Sequence[Expert]) -> list[tuple[str, dict, float]]:
@@ -71,10 +75,11 @@ LEARNED_GUIDANCE = (1.0, 3.0, 6.0, 10.0)
 LEARNED_DENOISE = (1.0,)  # img2img needs one batched reference per expert (each starts lower): too slow on a CPU
 
 
-def _replayed_report(events: list[tuple], out: Tensor, b: int, order: float, nfe: int) -> dict:
+def _replayed_report(events: list[tuple], out: Tensor, b: int, order: float, nfe: int,
+                     sigma_final: float | None) -> dict:
     """The report sample ``b`` of a batched fixed-grid run would have had alone (the same steps:
     fixed-grid experts treat samples independently; the estimator only reads the callbacks)."""
-    estimator = FidelityEstimator(order)
+    estimator = FidelityEstimator(order, sigma_final)
     for x, sigma, denoised in events:
         estimator.observe(x[b:b + 1], sigma, denoised[b:b + 1])
     features = estimator.features(out[b:b + 1])
@@ -115,7 +120,7 @@ def collect_learned(split: str, seed: int, per_group: int, experts: Sequence[Exp
                     out = expert(model, x.clone(), sigmas, extra_args={"cond": labels, "cfg": cfg}, disable=True,
                                  report=report, callback=lambda i: events.append(
                                      (i["x"], float(i["sigma_hat"]), i["denoised"])))
-                    reports = [_replayed_report(events, out, b, expert.descriptor.order, report["nfe"])
+                    reports = [_replayed_report(events, out, b, expert.descriptor.order, report["nfe"], planned_end(sigmas))
                                for b in range(per_group)]
                 else:
                     outs, reports = [], []
@@ -165,8 +170,28 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float((ra * rb).sum() / (ra.square().sum() * rb.square().sum()).sqrt())
 
 
+def spearman_draws(predicted: Sequence[float], errors: Sequence[float], draws: int = BOOTSTRAP,
+                   seed: int = 0) -> list[float]:
+    """Bootstrap draws of the Spearman correlation (held-out runs resampled with replacement)."""
+    rng = random.Random(seed)
+    n, values = len(errors), []
+    for _ in range(draws):
+        pick = [rng.randrange(n) for _ in range(n)]
+        values.append(spearman([predicted[i] for i in pick], [errors[i] for i in pick]))
+    return values
+
+
+def interval(draws: Sequence[float]) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap draws (non-finite draws left out)."""
+    values = sorted(v for v in draws if math.isfinite(v))
+    if not values:
+        return math.nan, math.nan
+    return values[int(0.025 * (len(values) - 1))], values[int(0.975 * (len(values) - 1))]
+
+
 def evaluate(train: list, heldout: list, features: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per expert: Spearman (raw, calibrated), quality MAE (calibrated, constant), pairs."""
+    """Per expert: Spearman (raw, calibrated, its bootstrap interval), quality MAE (calibrated,
+    constant), pairs."""
     calibration = Calibration.fit(train, features)
     results = {}
     for name in dict.fromkeys(e for e, _, _ in heldout):
@@ -181,6 +206,7 @@ def evaluate(train: list, heldout: list, features: Sequence[str]) -> dict[str, d
             "pairs": len(rows),
             "spearman_raw": spearman([inputs["estimate"] for inputs, _ in rows], errors),
             "spearman": spearman(predicted, errors),
+            "draws": spearman_draws(predicted, errors, seed=len(results)),
             "mae": sum(abs(p - t) for p, t in zip(pred_q, true_q)) / len(rows),
             "mae_constant": sum(abs(constant - t) for t in true_q) / len(rows),
             "std": calibration.fits[name].std if name in calibration.fits else float("nan"),
@@ -190,15 +216,18 @@ def evaluate(train: list, heldout: list, features: Sequence[str]) -> dict[str, d
 
 def table(title: str, results: dict[str, dict[str, float]]) -> None:
     print(f"\n## {title}\n")
-    print("| expert | held-out runs | Spearman raw | Spearman calibrated | quality MAE | constant's MAE | ratio | "
-          "residual std (log10) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| expert | held-out runs | Spearman raw | Spearman calibrated | 95% interval | quality MAE | constant's MAE | "
+          "ratio | residual std (log10) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['pairs']} | {r['spearman_raw']:.2f} | {r['spearman']:.2f} | {r['mae']:.3f} | "
-              f"{r['mae_constant']:.3f} | {r['mae'] / r['mae_constant']:.2f} | {r['std']:.2f} |")
+        low, high = interval(r["draws"])
+        print(f"| {name} | {r['pairs']} | {r['spearman_raw']:.2f} | {r['spearman']:.2f} | {low:.2f}-{high:.2f} | "
+              f"{r['mae']:.3f} | {r['mae_constant']:.3f} | {r['mae'] / r['mae_constant']:.2f} | {r['std']:.2f} |")
     values = list(results.values())
     mean = {k: sum(r[k] for r in values) / len(values) for k in ("spearman_raw", "spearman", "mae", "mae_constant")}
+    low, high = interval([sum(d) / len(d) for d in zip(*(r["draws"] for r in values))])
     print(f"| **mean** | {sum(r['pairs'] for r in values)} | {mean['spearman_raw']:.2f} | {mean['spearman']:.2f} | "
+          f"{low:.2f}-{high:.2f} | "
           f"{mean['mae']:.3f} | {mean['mae_constant']:.3f} | {mean['mae'] / mean['mae_constant']:.2f} | |")
     print(f"\nmin within-expert Spearman {min(r['spearman'] for r in values):.2f}, mean {mean['spearman']:.2f}; "
           f"quality MAE {mean['mae']:.3f} vs constant {mean['mae_constant']:.3f} "
@@ -216,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="learned yardstick: held-out digits per group (default 15)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-pairs", type=Path, default=None, help="write the (expert, inputs, error) triples as JSON")
+    parser.add_argument("--load-pairs", type=Path, default=None,
+                        help="evaluate the triples a --save-pairs run wrote (same split, no model call) instead of "
+                             "collecting them; only valid for pairs recorded by the current observer")
     parser.add_argument("--quick", action="store_true", help="80 training and 60 held-out contexts (learned: 4 and 3 per group)")
     args = parser.parse_args(argv)
     n_train, n_heldout = (80, 60) if args.quick else (args.train, args.heldout)
@@ -226,6 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     experts = default_pool()
     saved: dict = {}
+    if args.load_pairs is not None:
+        for yardstick, split in json.loads(args.load_pairs.read_text()).items():
+            if args.yardstick in (yardstick, "both"):
+                train, heldout = ([tuple(row) for row in split[part]] for part in ("train", "heldout"))
+                print(f"\n# {yardstick.capitalize()} yardstick, pairs from {args.load_pairs}: {len(train)} training and "
+                      f"{len(heldout)} held-out runs")
+                report_tables(train, heldout)
+        return 0
     if args.yardstick in ("analytic", "both"):
         start = time.perf_counter()
         train = collect("train", args.seed, n_train, experts)
@@ -250,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report_tables(train: list, heldout: list) -> None:
-    table("Calibrated estimate (all features: " + ", ".join(FEATURES) + ")", evaluate(train, heldout, tuple(FEATURES)))
+    table("Calibrated estimate (features: " + ", ".join(DEFAULT_FEATURES) + ")", evaluate(train, heldout, DEFAULT_FEATURES))
+    table("Previous features (" + ", ".join(PREVIOUS) + ")", evaluate(train, heldout, PREVIOUS))
     table("First look (first-order differences only, per-expert intercept and slope)",
           evaluate(train, heldout, FIRST_LOOK))
 

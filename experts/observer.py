@@ -129,8 +129,15 @@ class FidelityEstimator:
       (the first look of issue 13; its local error is larger, O(h^2), and less noisy);
     - ``tail``: the change still to come after the last step, ``rms(D_N - D_{N-1}) sigma_N^2 /
       (sigma_{N-1}^2 - sigma_N^2)``;
+    - ``remaining``: the change still to come down to the run's planned last noise level
+      ``sigma_final`` (the smallest positive entry of its grid, where a full run's last step returns
+      ``D``): ``rms(D_N - D_{N-1}) (sigma_N^2 - sigma_final^2) / (sigma_{N-1}^2 - sigma_N^2)``, 0 for a
+      run that reached it. Only an early stop leaves a remainder; it is most of EarlyStopper's
+      error on the learned yardstick (``tail`` projects to 0 instead, the same for every full run);
+    - ``last_change``: ``rms(D_N - D_{N-1}) / rms(D_N)``; ``local_plain``: the local errors summed
+      without propagation; ``local_last``: the last step's local error alone;
     - ``sigma_start`` and ``sigma_end``: the first and last noise levels seen (an early stop ends
-      higher); ``scale``: the final sample's rms.
+      higher), ``sigma_prev_end`` the one before the last; ``scale``: the final sample's rms.
 
     Propagation, per latent element: along the exact flow of a Gaussian component of std ``s``,
     ``|x - D| / sigma^2`` is proportional to ``1 / sqrt(s^2 + sigma^2)``, so the ratio of its
@@ -139,8 +146,10 @@ class FidelityEstimator:
     trajectory without knowing ``s``. It is capped at 1 (an error never counts more than once).
     """
 
-    def __init__(self, order: float = 2.0) -> None:
+    def __init__(self, order: float = 2.0, sigma_final: float | None = None) -> None:
         self.third = order >= 2.5
+        self.sigma_final = sigma_final  # the run's planned last positive noise level (None: unknown, 0)
+        self.sigma_prev_end: float | None = None
         self.points: list[tuple[Tensor, float, Tensor]] = []  # the last two (x, sigma, denoised)
         self.sigma_start: float | None = None
         self.sigma_end: float | None = None
@@ -151,6 +160,8 @@ class FidelityEstimator:
         self.sensitivity: Tensor | None = None  # g_N = |x_N - D_N| / sigma_N^2 at the last step seen
         self.last_change: Tensor | None = None
         self.tail: Tensor | None = None
+        self.remaining: Tensor | None = None
+        self.local_last: Tensor | None = None
 
     def observe(self, x: Tensor, sigma: float, denoised: Tensor) -> None:
         x, denoised = x.detach().float(), denoised.detach().float()
@@ -174,7 +185,9 @@ class FidelityEstimator:
                 corrected = first + c2 * h * (slope - h * curvature) + 2 * c3 * h * h * curvature
             else:
                 corrected = first + c2 * h * slope
-            for name, error in (("local", (x - corrected).abs()), ("first_order", (x - first).abs())):
+            local = (x - corrected).abs()
+            self.local_last = rms(local)
+            for name, error in (("local", local), ("first_order", (x - first).abs())):
                 if name in self.weighted:
                     self.weighted[name] += error * self.sensitivity
                     self.plain[name] += error
@@ -184,6 +197,9 @@ class FidelityEstimator:
             change = rms(denoised - d_prev)
             self.last_change = change / rms(denoised).clamp_min(1e-12)
             self.tail = change * sigma**2 / (sigma_prev**2 - sigma**2)
+            end = self.sigma_final or 0.0
+            self.remaining = change * max(sigma**2 - end**2, 0.0) / (sigma_prev**2 - sigma**2)
+            self.sigma_prev_end = sigma_prev
         self.points = [*self.points[-1:], (x, sigma, denoised)]
 
     def features(self, out: Tensor) -> dict[str, float]:
@@ -196,9 +212,14 @@ class FidelityEstimator:
                 features[name] = float((rms(propagated) / scale).mean())
             else:
                 features[name] = 0.0
-        features["tail"] = float((self.tail / scale).mean()) if self.tail is not None else 0.0
+        features["local_plain"] = float((rms(self.plain["local"]) / scale).mean()) if "local" in self.plain else 0.0
+        for name in ("tail", "remaining", "local_last"):
+            value = getattr(self, name)
+            features[name] = float((value / scale).mean()) if value is not None else 0.0
+        features["last_change"] = float(self.last_change.mean()) if self.last_change is not None else 0.0
         features["sigma_start"] = float(self.sigma_start or 0.0)
         features["sigma_end"] = float(self.sigma_end or 0.0)
+        features["sigma_prev_end"] = float(self.sigma_prev_end or 0.0)
         features["scale"] = float(scale.mean())
         features["steps_seen"] = float(self.steps)
         return features
@@ -223,9 +244,9 @@ class StepObserver:
     """
 
     def __init__(self, callback: Callable[[dict], None] | None, steps: int, rule: ConvergenceRule | None,
-                 order: float = 2.0, estimate: bool = True) -> None:
+                 order: float = 2.0, estimate: bool = True, sigma_final: float | None = None) -> None:
         self.callback, self.steps, self.rule = callback, steps, rule
-        self.estimator = FidelityEstimator(order) if estimate else None
+        self.estimator = FidelityEstimator(order, sigma_final) if estimate else None
         self.calls = 0
         self.previous: tuple[float, Tensor] | None = None
 
@@ -250,6 +271,13 @@ class StepObserver:
         self.previous = (sigma, denoised)
 
 
+def planned_end(sigmas: Tensor) -> float | None:
+    """The smallest positive noise level of a grid (where a full run's last step returns ``D``)."""
+    positive = sigmas.detach().reshape(-1)
+    positive = positive[positive > 0]
+    return float(positive.min()) if positive.numel() else None
+
+
 def run_observed(sampler: Callable, model: Any, x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
                  callback: Callable[[dict], None] | None = None, disable: bool | None = None,
                  report: dict | None = None, stop: ConvergenceStop | None = None, order: float = 2.0,
@@ -261,7 +289,7 @@ def run_observed(sampler: Callable, model: Any, x: Tensor, sigmas: Tensor, extra
     """
     steps = len(sigmas) - 1
     observer = StepObserver(callback, steps, stop.rule(steps) if stop is not None else None, order,
-                            estimate=report is not None)
+                            estimate=report is not None, sigma_final=planned_end(sigmas))
     stopped = False
     try:
         out = sampler(model, x, sigmas, extra_args=extra_args, callback=observer, disable=disable, report=report,

@@ -85,6 +85,8 @@ def test_builtin_and_comfy_style_loops_stop_at_the_same_step(model, cond, cfg):
     torch.testing.assert_close(out_a, out_b, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(out_b, events_b[-1]["denoised"], rtol=0, atol=0)  # the prediction, not x
     assert report_a["error_estimate"] == pytest.approx(report_b["error_estimate"], rel=1e-6)
+    remaining = report_a["estimate_features"]["remaining"]  # an early stop leaves a change still to come
+    assert remaining > 0 and remaining == pytest.approx(report_b["estimate_features"]["remaining"], rel=1e-6)
 
 
 def test_stop_rule_min_steps_follow_the_run_length():
@@ -122,6 +124,8 @@ def test_every_expert_reports_the_same_fields_at_no_extra_model_call(model, name
     features = report["estimate_features"]
     assert features["sigma_start"] == pytest.approx(float(sigmas[0]), rel=1e-6)
     assert features["local"] > 0 and features["first_order"] > 0 and features["scale"] > 0
+    if not report["stopped_early"]:
+        assert features["remaining"] == 0.0  # the run reached its grid's last level
 
 
 def test_estimate_follows_the_true_error(model):
@@ -188,3 +192,26 @@ def test_a_callback_without_a_noise_level_reports_no_estimate(model):
     assert torch.isfinite(out).all() and set(report) >= REPORT_FIELDS
     assert report["steps"] == report["nfe"] == 30 and not report["stopped_early"]
     assert report["error_estimate"] is None and report["estimate_features"] is None
+
+
+def test_remaining_change_is_projected_to_the_planned_last_level():
+    """``remaining``: the change still to come down to the grid's last positive level, exact when the
+    prediction follows ``D(sigma) = a + c sigma^2``; 0 once the run reached that level."""
+    from moe_sampler.experts.observer import FidelityEstimator, planned_end
+
+    sigmas = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25, 0.0])
+    assert planned_end(sigmas) == 0.25 and planned_end(torch.zeros(3)) is None
+    a, c = torch.full((1, 8), 3.0), torch.linspace(-1.0, 1.0, 8).reshape(1, 8)
+    estimator = FidelityEstimator(2.0, planned_end(sigmas))
+    for sigma in sigmas[:3].tolist():  # an early stop at sigma = 1
+        estimator.observe(a + 2 * c * sigma, sigma, a + c * sigma**2)
+    out = a + c
+    features = estimator.features(out)
+    expected = float(c.square().mean().sqrt() * (1.0 - 0.25**2) / out.square().mean().sqrt())
+    assert features["remaining"] == pytest.approx(expected, rel=1e-6)
+    assert features["tail"] > features["remaining"] > 0  # the tail projects to 0, past the grid's end
+    assert features["sigma_end"] == 1.0 and features["sigma_prev_end"] == 2.0
+    assert features["last_change"] > 0 and features["local_plain"] >= features["local"] > 0
+    for sigma in sigmas[3:5].tolist():  # the run goes on to its planned end
+        estimator.observe(a + 2 * c * sigma, sigma, a + c * sigma**2)
+    assert estimator.features(a)["remaining"] == 0.0

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from moe_sampler.router.calibration import FEATURES, POOLED, Calibration, ExpertFit, calibration_inputs
+from moe_sampler.router.calibration import DEFAULT_FEATURES, POOLED, Calibration, ExpertFit, calibration_inputs
 
 
 def _pairs(expert: str, n: int, slope: float, offset: float, noise: float, seed: int) -> list:
@@ -39,7 +39,7 @@ def test_few_pairs_reduced_model_and_unknown_expert_pooled_with_a_wider_spread()
     pairs = _pairs("A", 300, 1.0, 0.0, 0.1, seed=3) + _pairs("Few", 10, 1.0, 0.0, 0.1, seed=4) + \
         _pairs("Two", 2, 1.0, 0.0, 0.1, seed=5)
     calibration = Calibration.fit(pairs)
-    assert calibration.fits["A"].features == tuple(FEATURES)
+    assert calibration.fits["A"].features == DEFAULT_FEATURES
     assert calibration.fits["Few"].features == ("log10_estimate",)
     assert "Two" not in calibration.fits and POOLED in calibration.fits
     inputs = pairs[0][1]
@@ -77,9 +77,28 @@ def test_inputs_from_a_run_report():
                                                                        "tail": 1e-4, "sigma_start": 14.6,
                                                                        "sigma_end": 0.03, "scale": 0.9}}
     inputs = calibration_inputs(report, cfg=7.5)
-    assert inputs == {"estimate": 0.01, "first_order": 0.1, "tail": 1e-4, "sigma_start": 14.6, "sigma_end": 0.03,
-                      "scale": 0.9, "nfe": 20.0, "cfg": 7.5}
+    # Parts a report of an older version lacks read 0 (remaining: no early stop; the rest: unknown).
+    assert inputs == {"estimate": 0.01, "first_order": 0.1, "tail": 1e-4, "remaining": 0.0, "last_change": 0.0,
+                      "local_plain": 0.0, "local_last": 0.0, "sigma_start": 14.6, "sigma_end": 0.03,
+                      "sigma_prev_end": 0.0, "scale": 0.9, "nfe": 20.0, "cfg": 7.5}
     assert calibration_inputs({"error_estimate": None}) is None
     assert calibration_inputs({"error_estimate": math.nan}) is None
     fit = ExpertFit(("log10_estimate",), (0.0, 1.0), 0.1, 10)
     assert fit.predict_log10(inputs) == pytest.approx(-2.0)
+
+
+def test_a_calibration_stored_before_the_remaining_change_still_loads_and_predicts():
+    """Routers store their calibration: one fitted on the first eight features (no ``remaining``)
+    keeps loading and predicting from today's inputs; a feature this code does not know is refused."""
+    old = ("log10_estimate", "log10_first_order", "log10_tail", "log_sigma_start", "log_sigma_end", "log_cfg",
+           "log_nfe", "log_scale")
+    stored = {"version": 1, "experts": {"A": {"features": list(old), "coef": [-1.0, 1.0] + [0.0] * 7, "std": 0.2,
+                                              "pairs": 80}}}
+    calibration = Calibration.from_dict(json.loads(json.dumps(stored)))
+    inputs = calibration_inputs({"error_estimate": 1e-3, "nfe": 30,
+                                 "estimate_features": {"remaining": 0.5, "first_order": 0.01, "tail": 1e-3}})
+    error, std = calibration.predict("A", inputs)
+    assert error == pytest.approx(1e-4) and std == 0.2
+    stored["experts"]["A"]["features"][-1] = "log_moon_phase"
+    with pytest.raises(ValueError, match="unknown features"):
+        Calibration.from_dict(stored)
