@@ -592,7 +592,8 @@ def report_prior(sweeps: dict[str, "Sweeps"], fit: bool) -> None:
                       for y, sw in sweeps.items()}
         theta, info = fit_prior(tables, pool, fit_tables)
         print(f"fitted prior {tuple(round(float(v), 3) for v in theta)}: {switch_points(theta, pool)}; "
-              f"worst regret, mean {info['regret_mean']:.4f} (minimax {info['bound_mean']:.4f}), max {info['regret_max']:.4f}, "
+              f"worst regret, mean {info['regret_mean']:.4f} (minimax {info['bound_mean']:.4f}), "
+              f"max {info['regret_max']:.4f}, "
               f"mean squared error of quality and cost {info['mse']:.5f}")
 
 

@@ -79,7 +79,8 @@ GROUPS = ("text-to-image", "img2img")  # the guard's groups of contexts, told ap
 MIN_GROUP_ROWS = 5  # rows of an expert in a group before the group's own evidence is used (else the pooled)
 
 __all__ = ["EPSILON", "GROUPS", "Evidence", "GuardedChoice", "GuardedPolicy", "LoggedRow", "UpdateResult",
-           "PRIOR_FIXED", "fingerprint_tensors", "fit_candidate", "group_index", "model_key", "prior_fixed", "policy_values", "rows_from_records", "split_rows",
+           "PRIOR_FIXED", "fingerprint_tensors", "fit_candidate", "group_index", "model_key", "prior_fixed",
+           "policy_values", "rows_from_records", "split_rows",
            "update"]
 
 
@@ -789,7 +790,8 @@ def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[An
     else:
         adopted = True
         reason = ("not worse than the current router on held-out rows"
-                  + ("" if beats_fixed else "; not above the best fixed expert there, so it keeps the best fixed expert"))
+                  + ("" if beats_fixed
+                     else "; not above the best fixed expert there, so it keeps the best fixed expert"))
     candidate.training = {
         **candidate.training, "model": model if model is not None else current.training.get("model"),
         "guard": candidate_evidence.to_json(),

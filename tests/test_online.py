@@ -269,7 +269,8 @@ def test_the_guard_deviates_only_in_groups_where_the_router_beat_the_fixed_exper
     priority = 0.5
     nfe = {e.name: e.descriptor.max_nfe for e in POOL}
     lam = lambda_from_priority(priority)
-    q_noise = 0.75 + 0.2 + lam * (float(cost_from_nfe(nfe["NoiseAdaptive"])) - float(cost_from_nfe(nfe["QualityMaster"])))
+    extra = float(cost_from_nfe(nfe["NoiseAdaptive"])) - float(cost_from_nfe(nfe["QualityMaster"]))
+    q_noise = 0.75 + 0.2 + lam * extra
     router = StubRouter({n: (q_noise if n == "NoiseAdaptive" else (0.75 if n == "QualityMaster" else 0.2))
                          for n in NAMES})
     trusted = _evidence(200)
@@ -298,7 +299,8 @@ def test_the_guard_deviates_only_when_the_bound_on_the_gain_is_positive():
     nfe = {e.name: e.descriptor.max_nfe for e in POOL}
     lam = lambda_from_priority(priority)
     q_fixed = 0.75
-    q_noise = q_fixed + gain + lam * (float(cost_from_nfe(nfe["NoiseAdaptive"])) - float(cost_from_nfe(nfe["QualityMaster"])))
+    extra = float(cost_from_nfe(nfe["NoiseAdaptive"])) - float(cost_from_nfe(nfe["QualityMaster"]))
+    q_noise = q_fixed + gain + lam * extra
     router = StubRouter({n: (q_noise if n == "NoiseAdaptive" else (q_fixed if n == "QualityMaster" else 0.2))
                          for n in NAMES})
     # few rows: sd 0.1, 5 rows each -> bound 0.05 - 1.64 * 0.063 < 0: stays with the fixed expert
