@@ -13,6 +13,7 @@ import math
 import numbers
 import sys
 import time
+import uuid
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -37,7 +38,7 @@ MIN_NFE, MIN_SECONDS = 1.0, 1e-3  # cost floors: a run with no model call (denoi
 COLUMNS = (
     "created", "source", "expert", "router", "state", "priority", "nfe", "steps",
     "seconds", "quality", "success", "confidence", "propensity", "error", "seed",
-    "quality_source", "error_estimate", "model", "details", "audit_seconds", "job",
+    "quality_source", "error_estimate", "model", "details", "audit_seconds", "job", "run_id",
 )  # fmt: skip
 # name: (low, high, low excluded, None allowed)
 _BOUNDS = {
@@ -77,6 +78,9 @@ class RunRecord:
             65536 characters), or None. :meth:`details_dict` parses it back.
         audit_seconds: extra wall seconds an audit of this run took (>= 0), or None.
         job: the farm training job whose sweep wrote this run (:mod:`moe_sampler.stats.claims`), or None.
+        run_id: a unique id, drawn when the record is made (32 hex digits); the store keeps one row
+            per id, so a write retried after a commit whose answer was lost stores the run once.
+            None only for rows written before schema v5.
     """
 
     expert: str
@@ -100,6 +104,7 @@ class RunRecord:
     details: str | None = None
     audit_seconds: float | None = None
     job: str | None = None
+    run_id: str | None = field(default_factory=lambda: uuid.uuid4().hex)
 
     def details_dict(self) -> dict[str, Any] | None:
         """:attr:`details` as a dict, or None."""
@@ -115,6 +120,8 @@ class RunRecord:
             raise ValueError(f"RunRecord.success must be True or False, got {self.success!r}")
         if self.error is not None and not isinstance(self.error, str):
             raise ValueError(f"RunRecord.error must be a string or None, got {self.error!r}")
+        if self.run_id is not None and (not isinstance(self.run_id, str) or not 0 < len(self.run_id) <= 64):
+            raise ValueError(f"RunRecord.run_id must be a string of 1 to 64 characters or None, got {self.run_id!r}")
         for name in ("model", "job"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

@@ -24,7 +24,7 @@ from .backend import BUSY, DAMAGED, OTHER, Backend, StatsStoreError
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteBackend", "check_file"]
 
 logger = logging.getLogger(__name__)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # MIGRATIONS[i] takes a database from schema v{i} to v{i + 1}. Append steps; never edit a shipped one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -58,6 +58,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE farm_contexts (job TEXT NOT NULL, context INTEGER NOT NULL, state TEXT NOT NULL,
         worker TEXT NOT NULL, token TEXT NOT NULL, lease REAL NOT NULL, attempts INTEGER NOT NULL,
         runs INTEGER, finished REAL, PRIMARY KEY (job, context))""",
+    ),
+    (
+        # Idempotent writes: one row per run id, so a write retried after a lost commit answer stores once.
+        "ALTER TABLE runs ADD COLUMN run_id TEXT",
+        "CREATE UNIQUE INDEX runs_by_run_id ON runs (run_id)",
     ),
 )
 HEADER = b"SQLite format 3\x00"

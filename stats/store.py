@@ -61,7 +61,9 @@ BATCH = 256  # runs per write transaction when the background writer catches up
 MAX_BACKOFF = 5.0  # seconds between retries of a write that keeps failing
 PROBE_WAIT = 0.25  # seconds health() waits for the write lock before calling the store locked
 PROBE_REUSE = 1.0  # seconds a probe that found the store locked is reused
-_INSERT = f"INSERT INTO {{table}} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# A run already stored (a retry after a commit whose answer was lost) is not stored again.
+_INSERT = (f"INSERT INTO {{table}} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+           "ON CONFLICT (run_id) DO NOTHING")
 _SELECT = f"SELECT id, {', '.join(COLUMNS)} FROM {{table}}"
 _REAL = "CAST({} AS DOUBLE PRECISION)"  # AVG of integers is a float in SQLite but a decimal in PostgreSQL
 _AGGREGATE = (

@@ -146,6 +146,41 @@ def test_round_trip_keeps_every_field(store):
     assert store.runs()[0].state[1] == pytest.approx(1 / 7, rel=1e-6)
 
 
+def test_a_run_recorded_twice_is_stored_once(store):
+    run, other = make_run(seed=1), make_run(seed=1)
+    assert run.run_id != other.run_id and len(run.run_id) == 32
+    assert store.record(run) and store.record(run) and store.record(other)
+    assert [r.run_id for r in store.runs()] == [run.run_id, other.run_id]
+
+
+def test_a_write_retried_after_its_commit_answer_was_lost_stores_the_run_once(target, monkeypatch):
+    """The connection dies after the database committed but before the store heard back: the store
+    cannot know, so it retries; the retry must not store the run a second time (issue 12)."""
+    if target.kind == "postgresql":
+        import psycopg
+
+        lost = psycopg.OperationalError("server closed the connection unexpectedly")
+    else:
+        lost = sqlite3.OperationalError("database is locked")
+        lost.sqlite_errorcode = 5  # SQLITE_BUSY: the kind of failure the store retries
+    with target.open(timeout=2.0) as store:
+        store.record(make_run(seed=0))  # opens and migrates
+        real_insert, calls = store.backend.insert, []
+
+        def insert_then_lose_the_answer(conn, sql, rows):
+            real_insert(conn, sql, rows)
+            calls.append(len(rows))
+            if len(calls) == 1:
+                raise lost
+
+        monkeypatch.setattr(store.backend, "insert", insert_then_lose_the_answer)
+        runs = [make_run(seed=1), make_run(seed=2)]
+        assert store.record(runs[0])
+        assert store.record_async(runs[1]) and store.flush(timeout=5)
+        assert len(calls) >= 3  # the first write was retried
+        assert sorted(r.seed for r in store.runs()) == [0, 1, 2]
+
+
 def test_expert_stats_match_a_hand_computation(store):
     rows = [
         # expert, nfe, seconds, success, quality, confidence
@@ -219,13 +254,13 @@ def test_migrates_a_v1_database_without_losing_rows(target):
     assert [r.created for r in runs[:5]] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert all(r.seed is None and r.router == "v1" for r in runs[:5]) and runs[5].seed == 42
     if target.kind == "sqlite":
-        assert target.execute("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 4
+        assert target.execute("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 5
         indexes = {row[1] for row in target.execute("PRAGMA index_list(runs)")}
     else:
         assert target.execute(f"SELECT value FROM {target.schema}.meta")[0][0] == str(SCHEMA_VERSION)
         indexes = {row[0] for row in target.execute("SELECT indexname FROM pg_indexes WHERE schemaname = ?",
                                                     (target.schema,))}
-    assert {"runs_by_expert", "runs_by_router", "runs_by_model"} <= indexes
+    assert {"runs_by_expert", "runs_by_router", "runs_by_model", "runs_by_job", "runs_by_run_id"} <= indexes
 
 
 def test_migrates_a_v2_database_to_v3_keeping_rows(target):
