@@ -45,6 +45,10 @@ DEFAULT_MAX_SIGMA_RATIO = 0.5
 MIN_STEP_SHARE = DEFAULT_MIN_STEPS / 30
 
 
+# The noise levels, relative to the prediction's rms, whose steps ``local_window`` sums.
+WINDOW = (0.15, 3.0)
+
+
 def rms(t: Tensor) -> Tensor:
     """Per-sample root mean square, [B, ...] -> [B] (float64)."""
     return t.reshape(t.shape[0], -1).double().square().mean(1).sqrt()
@@ -136,6 +140,10 @@ class FidelityEstimator:
       error on the learned yardstick (``tail`` projects to 0 instead, the same for every full run);
     - ``last_change``: ``rms(D_N - D_{N-1}) / rms(D_N)``; ``local_plain``: the local errors summed
       without propagation; ``local_last``: the last step's local error alone;
+    - ``local_window``: the per-step rms of the local errors (not propagated), summed over the
+      steps whose noise level is within :data:`WINDOW` times the prediction's rms: the middle of
+      the trajectory (recorded for calibration studies; on the learned model it ranks the
+      trajectory's error within a guidance scale better than ``local``, docs/EXPERTS.md);
     - ``sigma_start`` and ``sigma_end``: the first and last noise levels seen (an early stop ends
       higher), ``sigma_prev_end`` the one before the last; ``scale``: the final sample's rms.
 
@@ -162,6 +170,7 @@ class FidelityEstimator:
         self.tail: Tensor | None = None
         self.remaining: Tensor | None = None
         self.local_last: Tensor | None = None
+        self.local_window: Tensor | None = None
 
     def observe(self, x: Tensor, sigma: float, denoised: Tensor) -> None:
         x, denoised = x.detach().float(), denoised.detach().float()
@@ -187,6 +196,10 @@ class FidelityEstimator:
                 corrected = first + c2 * h * slope
             local = (x - corrected).abs()
             self.local_last = rms(local)
+            level = sigma / rms(denoised).clamp_min(1e-12)
+            inside = ((level >= WINDOW[0]) & (level <= WINDOW[1])).double()
+            window = self.local_last * inside
+            self.local_window = window if self.local_window is None else self.local_window + window
             for name, error in (("local", local), ("first_order", (x - first).abs())):
                 if name in self.weighted:
                     self.weighted[name] += error * self.sensitivity
@@ -213,7 +226,7 @@ class FidelityEstimator:
             else:
                 features[name] = 0.0
         features["local_plain"] = float((rms(self.plain["local"]) / scale).mean()) if "local" in self.plain else 0.0
-        for name in ("tail", "remaining", "local_last"):
+        for name in ("tail", "remaining", "local_last", "local_window"):
             value = getattr(self, name)
             features[name] = float((value / scale).mean()) if value is not None else 0.0
         features["last_change"] = float(self.last_change.mean()) if self.last_change is not None else 0.0

@@ -68,6 +68,7 @@ FEATURES: Mapping[str, Callable[[Mapping[str, Any]], float]] = {
     "log10_last_change": lambda i: _log10(i.get("last_change") or 0.0),
     "log10_local_plain": lambda i: _log10(i.get("local_plain") or 0.0),
     "log10_local_last": lambda i: _log10(i.get("local_last") or 0.0),
+    "log10_local_window": lambda i: _log10(i.get("local_window") or 0.0),
 }
 # What :meth:`Calibration.fit` uses unless told (a stored fit names its own features).
 # The last four were chosen by 5-fold cross-validation on the training pairs of both yardsticks
@@ -95,6 +96,7 @@ def calibration_inputs(report: Mapping[str, Any], cfg: float | None = None) -> d
         "last_change": float(features.get("last_change", 0.0)),
         "local_plain": float(features.get("local_plain", 0.0)),
         "local_last": float(features.get("local_last", 0.0)),
+        "local_window": float(features.get("local_window", 0.0)),
         "sigma_prev_end": float(features.get("sigma_prev_end", 0.0)),
         "sigma_start": float(features.get("sigma_start", 1.0)),
         "sigma_end": float(features.get("sigma_end", 1.0)),

@@ -212,6 +212,12 @@ def test_remaining_change_is_projected_to_the_planned_last_level():
     assert features["tail"] > features["remaining"] > 0  # the tail projects to 0, past the grid's end
     assert features["sigma_end"] == 1.0 and features["sigma_prev_end"] == 2.0
     assert features["last_change"] > 0 and features["local_plain"] >= features["local"] > 0
+    # Both steps end at sigma / rms(D) of about 0.5 and 0.3, inside WINDOW: the per-step rms summed.
+    assert features["local_window"] >= features["local_plain"]
     for sigma in sigmas[3:5].tolist():  # the run goes on to its planned end
         estimator.observe(a + 2 * c * sigma, sigma, a + c * sigma**2)
     assert estimator.features(a)["remaining"] == 0.0
+    far = FidelityEstimator(2.0, 0.25)  # noise levels far above the prediction's rms: outside the window
+    for sigma in sigmas[:3].tolist():
+        far.observe(1e-3 * (a + 2 * c * sigma), sigma, 1e-3 * (a + c * sigma**2))
+    assert far.features(1e-3 * out)["local_window"] == 0.0 and far.features(1e-3 * out)["local"] > 0
