@@ -9,12 +9,15 @@ report's ``error_estimate`` and parts (:mod:`moe_sampler.experts.observer`, no e
 are compared with the relative error to the context's reference solution.
 
 Printed per expert: the Spearman rank correlation within the expert between the (raw and
-calibrated) estimate and the true error, and the mean absolute error of the quality score
-(``quality_from_error``) predicted by the calibration versus the baseline that knows only which
+calibrated) estimate and the true error (calibrated: with a 95% bootstrap interval over the
+held-out runs; the mean's resamples every expert at once), and the mean absolute error of the
+quality score (``quality_from_error``) predicted by the calibration versus the baseline that knows only which
 expert ran (the train split's median quality of that expert, the constant with the smallest
 absolute error). "first look" is issue 13's first attempt, reproduced: the first-order
-differences alone (``log10_first_order``) with a per-expert intercept and slope. Nothing is
-written.
+differences alone (``log10_first_order``) with a per-expert intercept and slope; "previous
+features" the calibration's features before the early-stop remainder and the other local-error
+parts. Nothing is written unless ``--save-pairs``; ``--load-pairs`` evaluates saved pairs again
+(no model call; valid while the observer's features are unchanged).
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ from moe_sampler.router.environment import AnalyticEnvironment  # noqa: E402
 
 FIRST_LOOK = ("log10_first_order",)
 # The calibration's features before ``remaining``, ``local_plain``, ``local_last`` and ``last_change``.
-PREVIOUS = ("log10_estimate", "log10_first_order", "log10_tail", "log_sigma_start", "log_sigma_end", "log_cfg", "log_nfe",
-            "log_scale")
+PREVIOUS = ("log10_estimate", "log10_first_order", "log10_tail", "log_sigma_start", "log_sigma_end", "log_cfg",
+            "log_nfe", "log_scale")
 BOOTSTRAP = 1000  # resamples for the Spearman intervals
 
 
@@ -120,7 +123,8 @@ def collect_learned(split: str, seed: int, per_group: int, experts: Sequence[Exp
                     out = expert(model, x.clone(), sigmas, extra_args={"cond": labels, "cfg": cfg}, disable=True,
                                  report=report, callback=lambda i: events.append(
                                      (i["x"], float(i["sigma_hat"]), i["denoised"])))
-                    reports = [_replayed_report(events, out, b, expert.descriptor.order, report["nfe"], planned_end(sigmas))
+                    reports = [_replayed_report(events, out, b, expert.descriptor.order, report["nfe"],
+                                                planned_end(sigmas))
                                for b in range(per_group)]
                 else:
                     outs, reports = [], []
@@ -216,8 +220,8 @@ def evaluate(train: list, heldout: list, features: Sequence[str]) -> dict[str, d
 
 def table(title: str, results: dict[str, dict[str, float]]) -> None:
     print(f"\n## {title}\n")
-    print("| expert | held-out runs | Spearman raw | Spearman calibrated | 95% interval | quality MAE | constant's MAE | "
-          "ratio | residual std (log10) |")
+    print("| expert | held-out runs | Spearman raw | Spearman calibrated | 95% interval | quality MAE | "
+          "constant's MAE | ratio | residual std (log10) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         low, high = interval(r["draws"])
@@ -262,8 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for yardstick, split in json.loads(args.load_pairs.read_text()).items():
             if args.yardstick in (yardstick, "both"):
                 train, heldout = ([tuple(row) for row in split[part]] for part in ("train", "heldout"))
-                print(f"\n# {yardstick.capitalize()} yardstick, pairs from {args.load_pairs}: {len(train)} training and "
-                      f"{len(heldout)} held-out runs")
+                print(f"\n# {yardstick.capitalize()} yardstick, pairs from {args.load_pairs}: {len(train)} training "
+                      f"and {len(heldout)} held-out runs")
                 report_tables(train, heldout)
         return 0
     if args.yardstick in ("analytic", "both"):
@@ -290,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def report_tables(train: list, heldout: list) -> None:
-    table("Calibrated estimate (features: " + ", ".join(DEFAULT_FEATURES) + ")", evaluate(train, heldout, DEFAULT_FEATURES))
+    table("Calibrated estimate (features: " + ", ".join(DEFAULT_FEATURES) + ")",
+          evaluate(train, heldout, DEFAULT_FEATURES))
     table("Previous features (" + ", ".join(PREVIOUS) + ")", evaluate(train, heldout, PREVIOUS))
     table("First look (first-order differences only, per-expert intercept and slope)",
           evaluate(train, heldout, FIRST_LOOK))

@@ -25,7 +25,8 @@ the run: img2img starts lower), ``sigma_end`` (the last: an early stop ends high
 the grid's last level; 0 for a full run), ``local_plain`` (local errors without propagation),
 ``local_last`` (the last step's) and ``last_change`` (the last relative change of the
 prediction). A report from before these parts existed gives 0 for them; a stored fit names its
-features, so calibrations fitted on fewer features keep loading and predicting. Measured in docs/EXPERTS.md (``python -m bench.estimate``).
+features, so calibrations fitted on fewer features keep loading and predicting. Measured in
+docs/EXPERTS.md (``python -m bench.estimate``).
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ def test_inputs_from_a_run_report():
     inputs = calibration_inputs(report, cfg=7.5)
     # Parts a report of an older version lacks read 0 (remaining: no early stop; the rest: unknown).
     assert inputs == {"estimate": 0.01, "first_order": 0.1, "tail": 1e-4, "remaining": 0.0, "last_change": 0.0,
-                      "local_plain": 0.0, "local_last": 0.0, "local_window": 0.0, "sigma_start": 14.6, "sigma_end": 0.03,
-                      "sigma_prev_end": 0.0, "scale": 0.9, "nfe": 20.0, "cfg": 7.5}
+                      "local_plain": 0.0, "local_last": 0.0, "local_window": 0.0, "sigma_start": 14.6,
+                      "sigma_end": 0.03, "sigma_prev_end": 0.0, "scale": 0.9, "nfe": 20.0, "cfg": 7.5}
     assert calibration_inputs({"error_estimate": None}) is None
     assert calibration_inputs({"error_estimate": math.nan}) is None
     fit = ExpertFit(("log10_estimate",), (0.0, 1.0), 0.1, 10)
