@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import time
-import uuid
 
 import pytest
 
@@ -51,42 +50,25 @@ logger = logging.getLogger(__name__)
 @pytest.fixture(scope="module")
 def database():
     try:
-        url = pg_helper.database_url()
+        with pg_helper.scratch_database("moe_farm_") as url:
+            yield url
     except pg_helper.Unavailable as exc:
         pytest.skip(str(exc))
-    import psycopg
-
-    name = "moe_farm_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"{url.rpartition('/')[0]}/{name}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, database):
     checkpoints = shared_tiny_checkpoint(tmp_path_factory)
-    names = ("MOE_SAMPLER_DATABASE_URL", "MOE_SAMPLER_ROUTER_POLL_SECONDS", "MOE_SAMPLER_LEARNING",
-             "MOE_SAMPLER_LEARN_EVERY")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(MOE_SAMPLER_DATABASE_URL=database, MOE_SAMPLER_ROUTER_POLL_SECONDS=str(POLL),
-                      MOE_SAMPLER_LEARNING="1")
-    try:
-        with contextlib.ExitStack() as stack:
-            running = []
-            for name, every in (("farm_a", LEARN_EVERY), ("farm_b", 1000)):  # a server reads the variable at start
-                os.environ["MOE_SAMPLER_LEARN_EVERY"] = str(every)
+    shared = pg_helper.environment(MOE_SAMPLER_DATABASE_URL=database, MOE_SAMPLER_ROUTER_POLL_SECONDS=str(POLL),
+                                   MOE_SAMPLER_LEARNING="1")
+    with shared, contextlib.ExitStack() as stack:
+        running = []
+        for name, every in (("farm_a", LEARN_EVERY), ("farm_b", 1000)):  # a server reads the variable at start
+            with pg_helper.environment(MOE_SAMPLER_LEARN_EVERY=str(every)):
                 server = ComfyServer(os.environ["COMFYUI_PATH"], tmp_path_factory.mktemp(name),
                                      checkpoint_dir=checkpoints)
                 running.append(stack.enter_context(server))
-            yield tuple(running)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        yield tuple(running)
 
 
 def queue_runs(server: ComfyServer, seeds) -> list[tuple[str, str]]:

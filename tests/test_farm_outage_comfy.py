@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 
 import pytest
 
@@ -35,38 +34,22 @@ logger = logging.getLogger(__name__)
 @pytest.fixture(scope="module")
 def database():
     try:
-        url = pg_helper.database_url()
         pg_helper.control_server("url")  # this test must be able to halt and resume the server
+        with pg_helper.scratch_database("moe_outage_") as url:
+            yield url
+            pg_helper.resume_server()  # in case the test left it halted
     except pg_helper.Unavailable as exc:
         pytest.skip(str(exc))
-    import psycopg
-
-    name = "moe_outage_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"{url.rpartition('/')[0]}/{name}"
-    pg_helper.resume_server()  # in case the test left it halted
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, database):
     checkpoints = shared_tiny_checkpoint(tmp_path_factory)
-    saved = {k: os.environ.get(k) for k in ("MOE_SAMPLER_DATABASE_URL", "MOE_SAMPLER_ROUTER_POLL_SECONDS",
-                                            "MOE_SAMPLER_LEARNING")}
-    os.environ.update(MOE_SAMPLER_DATABASE_URL=database, MOE_SAMPLER_ROUTER_POLL_SECONDS=str(POLL),
-                      MOE_SAMPLER_LEARNING="0")
-    try:
+    with pg_helper.environment(MOE_SAMPLER_DATABASE_URL=database, MOE_SAMPLER_ROUTER_POLL_SECONDS=str(POLL),
+                               MOE_SAMPLER_LEARNING="0"):
         with ComfyServer(os.environ["COMFYUI_PATH"], tmp_path_factory.mktemp("outage"),
                          checkpoint_dir=checkpoints) as running:
             yield running
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def sample(server: ComfyServer, seed: int) -> dict:

@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -41,38 +40,21 @@ SLOW = 900.0
 @pytest.fixture(scope="module")
 def database():
     try:
-        url = pg_helper.database_url()
+        with pg_helper.scratch_database("moe_farm_train_") as url:
+            yield url
     except pg_helper.Unavailable as exc:
         pytest.skip(str(exc))
-    import psycopg
-
-    name = "moe_farm_train_" + uuid.uuid4().hex[:10]
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield f"{url.rpartition('/')[0]}/{name}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, database):
     checkpoints = shared_tiny_checkpoint(tmp_path_factory)
-    names = ("MOE_SAMPLER_DATABASE_URL", "MOE_SAMPLER_ROUTER_POLL_SECONDS", "MOE_SAMPLER_FARM_LEASE_SECONDS",
-             "MOE_SAMPLER_LEARNING")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(MOE_SAMPLER_DATABASE_URL=database, MOE_SAMPLER_ROUTER_POLL_SECONDS="0.5",
-                      MOE_SAMPLER_FARM_LEASE_SECONDS=str(LEASE), MOE_SAMPLER_LEARNING="0")
-    try:
-        with contextlib.ExitStack() as stack:
-            yield tuple(stack.enter_context(ComfyServer(os.environ["COMFYUI_PATH"], tmp_path_factory.mktemp(name),
-                                                        checkpoint_dir=checkpoints))
-                        for name in ("farm_train_a", "farm_train_b"))
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    shared = pg_helper.environment(MOE_SAMPLER_DATABASE_URL=database, MOE_SAMPLER_ROUTER_POLL_SECONDS="0.5",
+                                   MOE_SAMPLER_FARM_LEASE_SECONDS=str(LEASE), MOE_SAMPLER_LEARNING="0")
+    with shared, contextlib.ExitStack() as stack:
+        yield tuple(stack.enter_context(ComfyServer(os.environ["COMFYUI_PATH"], tmp_path_factory.mktemp(name),
+                                                    checkpoint_dir=checkpoints))
+                    for name in ("farm_train_a", "farm_train_b"))
 
 
 def training_prompt(server: ComfyServer) -> dict:
