@@ -397,9 +397,8 @@ def _priority_of(lam: Tensor) -> Tensor:
     return (torch.log(lam.double() / low) / math.log(high / low)).clamp(0.0, 1.0)
 
 
-def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] = (), router: Router | None = None,
-                       descriptors: dict[str, ExpertDescriptor] | None = None, trusted: bool = False) -> Evidence:
-    """Per-expert SNIPS means from ``rows`` and the router's RMSE per expert on ``heldout``."""
+def _weighted_sums(rows: Sequence[LoggedRow]) -> dict[str, list[float]]:
+    """Per expert: [rows, sum of 1/propensity, and of quality and cost weighted by it] (SNIPS sums)."""
     sums: dict[str, list[float]] = {}
     for row in rows:
         w = 1.0 / row.propensity
@@ -408,6 +407,13 @@ def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] =
         s[1] += w
         s[2] += w * row.quality
         s[3] += w * row.cost
+    return sums
+
+
+def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] = (), router: Router | None = None,
+                       descriptors: dict[str, ExpertDescriptor] | None = None, trusted: bool = False) -> Evidence:
+    """Per-expert SNIPS means from ``rows`` and the router's RMSE per expert on ``heldout``."""
+    sums = _weighted_sums(rows)
     sd = _heldout_rmse(router, heldout, descriptors) if router is not None and descriptors else {}
     experts = {name: ExpertEvidence(int(n), qs / ws, cs / ws, sd.get(name, sd.get("*", DEFAULT_QUALITY_SD)))
                for name, (n, ws, qs, cs) in sums.items()}
@@ -423,14 +429,7 @@ def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] =
             members = [row for row, i in zip(rows, index) if i == g]
             if not members:
                 continue
-            group_sums: dict[str, list[float]] = {}
-            for row in members:
-                w = 1.0 / row.propensity
-                s = group_sums.setdefault(row.expert, [0, 0.0, 0.0, 0.0])
-                s[0] += 1
-                s[1] += w
-                s[2] += w * row.quality
-                s[3] += w * row.cost
+            group_sums = _weighted_sums(members)
             held = [row for row, i in zip(heldout, held_index) if i == g]
             group_sd = _heldout_rmse(router, held, descriptors) if router is not None and descriptors else {}
             groups[group] = {
