@@ -13,7 +13,8 @@ fitted by ridge least squares on pairs ``(inputs, true relative error)`` from sw
 (the true error needs the reference solution). The uncertainty is the residual standard deviation
 of ``log10(error)`` (0.2 means "within a factor 10^0.2 = 1.6 about two times in three"). An
 expert with too few pairs gets the intercept-and-slope model (fewer than
-``MIN_PAIRS_PER_FEATURE`` pairs per feature) or the pooled model of all experts (fewer than
+``MIN_PAIRS_PER_FEATURE`` pairs per feature; the first features the pairs support when they
+support at least ``MIN_PREFIX``) or the pooled model of all experts (fewer than
 ``MIN_PAIRS``), with its uncertainty widened by the pooled residual spread.
 
 Inputs (:func:`calibration_inputs` builds them from a run report): ``estimate`` (the raw
@@ -79,6 +80,10 @@ DEFAULT_FEATURES = ("log10_estimate", "log10_first_order", "log10_tail", "log_si
                     "log_nfe", "log_scale", "log10_remaining", "log10_local_plain", "log10_local_last",
                     "log10_last_change")
 REDUCED = ("log10_estimate",)
+# With fewer than 6 pairs per feature but at least this many features' worth, an expert gets the
+# first features of the list its pairs support (the default list's first eight are the calibration
+# of before the early-stop remainder: an expert with 48-71 pairs keeps what it had then).
+MIN_PREFIX = 8
 
 
 def calibration_inputs(report: Mapping[str, Any], cfg: float | None = None) -> dict[str, float] | None:
@@ -176,8 +181,11 @@ class Calibration:
         if len(everything) >= MIN_PAIRS:
             fits[POOLED] = _fit(everything, features, ridge)
         for expert, rows in by_expert.items():
-            if len(rows) >= MIN_PAIRS_PER_FEATURE * len(features):
+            supported = len(rows) // MIN_PAIRS_PER_FEATURE
+            if supported >= len(features):
                 fits[expert] = _fit(rows, features, ridge)
+            elif supported >= MIN_PREFIX:
+                fits[expert] = _fit(rows, tuple(features)[:supported], ridge)
             elif len(rows) >= MIN_PAIRS:
                 fits[expert] = _fit(rows, REDUCED, ridge)
         return cls(fits)

@@ -102,3 +102,16 @@ def test_a_calibration_stored_before_the_remaining_change_still_loads_and_predic
     stored["experts"]["A"]["features"][-1] = "log_moon_phase"
     with pytest.raises(ValueError, match="unknown features"):
         Calibration.from_dict(stored)
+
+
+def test_between_8_and_12_features_worth_of_pairs_an_expert_gets_the_first_features_they_support():
+    """6 pairs per feature: 60 pairs fit the default list's first 10 features, 48 its first 8 (the
+    calibration of before the early-stop remainder), 47 only the intercept and slope."""
+    pairs = _pairs("Ten", 60, 1.0, 0.0, 0.1, seed=8) + _pairs("Eight", 48, 1.0, 0.0, 0.1, seed=9) + \
+        _pairs("Less", 47, 1.0, 0.0, 0.1, seed=10)
+    calibration = Calibration.fit(pairs)
+    assert len(DEFAULT_FEATURES) == 12
+    assert calibration.fits["Ten"].features == DEFAULT_FEATURES[:10]
+    assert calibration.fits["Eight"].features == DEFAULT_FEATURES[:8]
+    assert calibration.fits["Less"].features == ("log10_estimate",)
+    assert calibration.fits["Ten"].predict_log10(pairs[0][1]) == pytest.approx(math.log10(pairs[0][2]), abs=0.5)
