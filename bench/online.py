@@ -238,7 +238,7 @@ def simulate(seed: int, generations: int, audit_rate: float, every: int, epsilon
           f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     router = Router.default()
     policy = online.GuardedPolicy(router, online.Evidence(), epsilon=epsilon)
-    budget = AuditBudget(audit_share)
+    budget = AuditBudget(audit_share, first_cost=reference.options["max_calls"])  # as the sampler's
     rows, results = [], {}
     audits = skipped = adopted = updates = 0
     estimate_errors, audit_errors = [], []

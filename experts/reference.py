@@ -206,16 +206,20 @@ class AuditBudget:
     (expert calls plus audit calls) including it. A coin that lands while the budget is spent is
     kept (at most one per model) and audits the next run the budget allows, so the audits reach
     their share instead of losing the coins that land while the budget recovers. Before the first
-    audit its cost is unknown and the first coin that lands is allowed, so the share can exceed
-    ``share`` by one audit until enough calls follow (a 400-call audit is 4% of 10,000 calls).
-    ``share`` None: no budget (every landed coin audits). Thread-safe; the ledger lives in the
-    process (it starts empty when ComfyUI restarts).
+    audit its cost is taken to be ``first_cost`` (the sampler passes the reference's call cap, so
+    the share never exceeds ``share`` by more than the audits' cost spread: a model's first audit
+    comes after ``first_cost / share`` of its calls, 10,000 for a 400-call cap); ``first_cost``
+    0: the first coin that lands is allowed, and the share can exceed ``share`` by that one audit
+    until enough calls follow. ``share`` None: no budget (every landed coin audits). Thread-safe;
+    the ledger lives in the process (it starts empty when ComfyUI restarts).
     """
 
-    def __init__(self, share: float | None = AUDIT_SHARE) -> None:
+    def __init__(self, share: float | None = AUDIT_SHARE, first_cost: float = 0.0) -> None:
         if share is not None and not 0.0 < share <= 1.0:
             raise ValueError(f"share must be in (0, 1] or None, got {share}")
-        self.share = share
+        if not first_cost >= 0.0:
+            raise ValueError(f"first_cost must be >= 0, got {first_cost}")
+        self.share, self.first_cost = share, float(first_cost)
         self._ledger: dict[str, list] = {}
         self._pending: set[str] = set()  # models with a kept coin
         self._lock = threading.Lock()
@@ -229,7 +233,7 @@ class AuditBudget:
             return True
         with self._lock:
             expert, audit, n = self._entry(key)
-        predicted = audit / n if n else 0.0
+        predicted = audit / n if n else self.first_cost
         return audit + predicted <= self.share * (expert + audit + predicted)
 
     def draw(self, key: str, audit_rate: float, rng: random.Random | None = None) -> AuditDraw:

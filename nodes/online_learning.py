@@ -282,19 +282,24 @@ def audit_budget() -> Any:
     """The process's :class:`~moe_sampler.experts.reference.AuditBudget` (one ledger per model key).
 
     Its share is ``MOE_SAMPLER_AUDIT_SHARE`` (a number in (0, 1]; ``none`` turns the budget off),
-    by default :data:`~moe_sampler.experts.reference.AUDIT_SHARE` (4%)."""
+    by default :data:`~moe_sampler.experts.reference.AUDIT_SHARE` (4%). A model's first audit is
+    counted at the reference's call cap (``CALLS_PER_STEP * REFERENCE_STEPS``), so it comes once
+    the model has run that cap over the share in calls (10,000 at 4%)."""
     global _budget
-    from ..experts.reference import AUDIT_SHARE, AuditBudget
+    from ..experts.reference import AUDIT_SHARE, CALLS_PER_STEP, AuditBudget
+    from .comfy_environment import REFERENCE_STEPS
 
+    first_cost = CALLS_PER_STEP * (AUDIT_STEPS or REFERENCE_STEPS)
     with _budget_lock:
         if _budget is None:
             text = os.environ.get(AUDIT_SHARE_ENV, "").strip().lower()
             try:
-                _budget = AuditBudget(None if text in ("none", "off") else float(text) if text else AUDIT_SHARE)
+                share = None if text in ("none", "off") else float(text) if text else AUDIT_SHARE
+                _budget = AuditBudget(share, first_cost)
             except ValueError:
                 logger.warning("%s=%r is not a share in (0, 1] or 'none'; using %g", AUDIT_SHARE_ENV, text,
                                AUDIT_SHARE)
-                _budget = AuditBudget(AUDIT_SHARE)
+                _budget = AuditBudget(AUDIT_SHARE, first_cost)
         return _budget
 
 

@@ -250,6 +250,7 @@ def test_the_audit_budget_is_set_by_the_environment(monkeypatch, caplog):
         monkeypatch.setattr(online, "_budget", None)
         monkeypatch.setenv(online.AUDIT_SHARE_ENV, text)
         assert online.audit_budget().share == share, text
+        assert online.audit_budget().first_cost == 400  # a model's first audit counted at the cap
     assert "MOE_SAMPLER_AUDIT_SHARE='lots' is not a share" in caplog.text
     assert online.audit_budget() is online.audit_budget()
 

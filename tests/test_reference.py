@@ -187,6 +187,26 @@ def test_the_audit_budget_reads_only_history():
         budget.draw("m", -0.1)
     with pytest.raises(ValueError, match="share"):
         AuditBudget(0.0)
+    with pytest.raises(ValueError, match="first_cost"):
+        AuditBudget(0.04, first_cost=-1)
+
+
+def test_counted_at_the_cap_the_first_audit_never_overshoots():
+    """The sampler counts a model's first audit at the reference's cap: it waits for cap / share
+    of calls, and the share stays within the budget from the first run on."""
+    budget = AuditBudget(0.04, first_cost=400)
+    assert not budget.draw("m", 1.0).audit  # 0 calls so far: a 400-call audit would be all of them
+    budget.note("m", 9_000)
+    assert not budget.allows("m")
+    budget.note("m", 600)  # 400 <= 4% of 10,000
+    assert budget.draw("m", 1.0).audit  # the coin kept from the first run
+    budget.note("m", 30, 90)  # the reference needed 90 calls: the next audits are counted at 90
+    assert budget.share_of("m") <= 0.04
+    rng = random.Random(3)
+    for _ in range(5_000):
+        draw = budget.draw("m", 0.02, rng)
+        budget.note("m", 30, 90 if draw.audit else None)
+        assert budget.share_of("m") <= 0.04 + 1e-9
 
 
 def _fake_comfy(monkeypatch, free_bytes):
