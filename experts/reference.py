@@ -211,7 +211,8 @@ class AuditBudget:
     comes after ``first_cost / share`` of its calls, 10,000 for a 400-call cap); ``first_cost``
     0: the first coin that lands is allowed, and the share can exceed ``share`` by that one audit
     until enough calls follow. ``share`` None: no budget (every landed coin audits). Thread-safe;
-    the ledger lives in the process (it starts empty when ComfyUI restarts).
+    the ledger lives in the process; :meth:`start` fills a model's from its stored runs (the
+    sampler does it on the model's first run in a process), so a restart does not forget them.
     """
 
     def __init__(self, share: float | None = AUDIT_SHARE, first_cost: float = 0.0) -> None:
@@ -252,6 +253,19 @@ class AuditBudget:
                 return AuditDraw(False, 0.0, share, coin)
             self._pending.discard(key)
         return AuditDraw(coin or pending, 1.0 if pending else rate, share)
+
+    def started(self, key: str) -> bool:
+        """Whether model ``key`` has a ledger in this process (:meth:`start`, :meth:`note`)."""
+        with self._lock:
+            return key in self._ledger
+
+    def start(self, key: str, expert_calls: int, audit_calls: int, audits: int) -> None:
+        """Add what earlier processes spent on model ``key`` (its stored runs) to its ledger."""
+        with self._lock:
+            entry = self._entry(key)
+            entry[0] += max(int(expert_calls), 0)
+            entry[1] += max(int(audit_calls), 0)
+            entry[2] += max(int(audits), 0)
 
     def note(self, key: str, expert_calls: int, audit_calls: int | None = None) -> None:
         """Add a finished run: its expert's model calls and, when it was audited, the audit's."""

@@ -303,12 +303,35 @@ def audit_budget() -> Any:
         return _budget
 
 
-def decide_audit(key: str, audit_rate: float, rng: random.Random | None = None, budget: Any = None) -> Any:
+def decide_audit(key: str, audit_rate: float, rng: random.Random | None = None, budget: Any = None,
+                 store: Any = None) -> Any:
     """The audit decision for a run of model ``key`` before it samples: an
     :class:`~moe_sampler.experts.reference.AuditDraw` (a coin with probability ``audit_rate``,
     skipped while the model's audits are over budget; reads only earlier runs). A ValueError
-    naming ``audit_rate`` when it is not in [0, 1]."""
-    return (audit_budget() if budget is None else budget).draw(key, audit_rate, rng)
+    naming ``audit_rate`` when it is not in [0, 1]. With the process's budget (``budget`` None), a
+    model's first run in this process starts its ledger from ``store`` (default: the stats store)."""
+    if budget is None:
+        budget = audit_budget()
+        if not budget.started(key):
+            start_from_store(budget, key, store)
+    return budget.draw(key, audit_rate, rng)
+
+
+def start_from_store(budget: Any, key: str, store: Any = None) -> None:
+    """Start model ``key``'s ledger from its stored runs (once per process and model), so that a
+    ComfyUI restart does not forget the calls and audits before it. An unreadable store starts it
+    empty (logged): the budget then counts from this run on."""
+    from ..experts.reference import CALLS_PER_STEP
+    from . import paths
+    from .comfy_environment import REFERENCE_STEPS
+
+    try:
+        expert, audit, audits = (paths.stats_store() if store is None else store).model_calls(
+            key, audit_cost=CALLS_PER_STEP * (AUDIT_STEPS or REFERENCE_STEPS))
+    except Exception as exc:  # noqa: BLE001 - a run never fails over its audit budget's history
+        logger.info("MoE audits: the stored runs of %s could not be read (%s); counting from now", key, exc)
+        expert = audit = audits = 0
+    budget.start(key, expert, audit, audits)
 
 
 def note_calls(key: str, attempts: Sequence[Any], audit: "Audit | None", draw: Any, audit_rate: float,

@@ -153,7 +153,8 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
                                     max(cfg, MIN_FEATURE_CFG), denoise, comfy_experts.model_family(model), priority,
                                     "interactive")
     key = online_learning.model_fingerprint(model)
-    audit_draw = online_learning.decide_audit(key, audit_rate)  # before sampling: earlier runs only
+    store = paths.stats_store() if store is None else store
+    audit_draw = online_learning.decide_audit(key, audit_rate, store=store)  # before sampling: earlier runs only
     selection = router_info = learning = learning_details = warning = active_learner = None
     label = MANUAL_ROUTER
     if forced is None and router == online_learning.LEARNED_ROUTER:
@@ -174,7 +175,6 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
     details = why.record_details(selection, pool, priority, router_info or {"label": label}, expert)
     attempts: list[bridge.Attempt] = []
     audit = audit_info = None
-    store = paths.stats_store() if store is None else store
     try:
         latent, report = bridge.sample_with_expert(model, expert, positive, negative, latent_image, seed, cfg,
                                                    denoise, callback=callback, preview=preview, attempts=attempts)

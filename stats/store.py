@@ -433,6 +433,30 @@ class StatsStore:
             rows = [by_name.get(name, (name, 0, None, None, None, None, None)) for name in experts]
         return score_experts(rows)
 
+    def model_calls(self, model: str, audit_cost: int = 0) -> tuple[int, int, int]:
+        """``(expert calls, audit calls, audits)`` of the sampler's stored runs of ``model``: what
+        the audit budget (:class:`~moe_sampler.experts.reference.AuditBudget`) starts from when
+        ComfyUI starts again. An audited row's calls are its ``details.audit.nfe``, or
+        ``audit_cost`` where a row does not say. Raises :class:`StatsStoreError` if unreadable."""
+        where, params = _where(model=model, source="sampling")
+
+        def work(conn: Any) -> tuple[Any, list]:
+            total = conn.execute(self.backend.sql(f"SELECT COALESCE(SUM(nfe), 0) FROM {{table}}{where}"),
+                                 params).fetchone()
+            audited = conn.execute(self.backend.sql(
+                f"SELECT details FROM {{table}}{where} AND audit_seconds IS NOT NULL"), params).fetchall()
+            return total[0], audited
+
+        total, audited = self._read(work)
+        calls = 0
+        for (details,) in audited:
+            try:
+                nfe = (json.loads(details or "{}").get("audit") or {}).get("nfe")
+            except (ValueError, AttributeError):
+                nfe = None
+            calls += int(nfe) if isinstance(nfe, int) and nfe >= 0 else int(audit_cost)
+        return int(total or 0), calls, len(audited)
+
     def export_json(self, path: str | os.PathLike[str]) -> int:
         """Write every run (with its row ``id``) as JSON; atomic (temp file + ``os.replace``). Returns the count."""
 

@@ -255,6 +255,37 @@ def test_the_audit_budget_is_set_by_the_environment(monkeypatch, caplog):
     assert online.audit_budget() is online.audit_budget()
 
 
+def test_the_audit_budget_remembers_earlier_processes_through_the_store(tmp_path, monkeypatch):
+    """A ComfyUI restart must not forget a model's calls and audits: its first run in a process
+    starts the ledger from the stored runs (else, with the first audit counted at the 400-call cap,
+    a user who restarts daily would never be audited, or would be audited again at once)."""
+    monkeypatch.delenv(online.AUDIT_SHARE_ENV, raising=False)
+    audited = {"audit": {"rate": 0.02, "probability": 0.02, "skipped": False, "nfe": 300}}
+    with StatsStore(tmp_path / "stats.sqlite3") as store:
+        for record in (_record(model=KEY, nfe=6000), _record(model=KEY, nfe=4000),
+                       _record(model=KEY, nfe=30, audit_seconds=1.5, details=audited),
+                       _record(model=KEY, nfe=30, audit_seconds=1.0, details={"why": "an older row"}),
+                       _record(model="other", nfe=50_000), _record(model=KEY, nfe=9999, source="training")):
+            assert store.record(record)
+        assert store.model_calls(KEY, audit_cost=400) == (10_060, 700, 2)
+        assert store.model_calls("unknown") == (0, 0, 0)
+
+        monkeypatch.setattr(online, "_budget", None)  # a fresh process
+        draw = online.decide_audit(KEY, 1.0, store=store)
+        assert online.audit_budget().calls(KEY) == (10_060, 700, 2)
+        assert not draw.audit and draw.skipped  # 700 of 10,760 calls: already over 4%
+        fresh = online.decide_audit("other", 1.0, store=store)  # 50,000 calls and no audit yet
+        assert fresh.audit and online.audit_budget().calls("other") == (50_000, 0, 0)
+
+    class Unreadable:
+        def model_calls(self, *args, **kwargs):
+            raise OSError("the disk is gone")
+
+    monkeypatch.setattr(online, "_budget", None)
+    draw = online.decide_audit(KEY, 1.0, store=Unreadable())  # sampling goes on; counts from now
+    assert not draw.audit and online.audit_budget().calls(KEY) == (0, 0, 0)
+
+
 def test_badge_shows_the_audit_share_and_a_skipped_audit():
     audit = online.Audit(0.71, 0.0075, 100, 2.5)
     info = {"rate": 0.02, "probability": 0.02, "skipped": False, "nfe": 100, "share": 0.031, "budget": 0.04}

@@ -181,6 +181,16 @@ def test_a_write_retried_after_its_commit_answer_was_lost_stores_the_run_once(ta
         assert sorted(r.seed for r in store.runs()) == [0, 1, 2]
 
 
+def test_model_calls_sum_a_models_sampler_runs_and_their_audits(store):
+    audited = {"audit": {"nfe": 300}}
+    for run in (make_run(model="m", nfe=6000), make_run(model="m", nfe=30, audit_seconds=1.5, details=audited),
+                make_run(model="m", nfe=30, audit_seconds=1.0), make_run(model="n", nfe=50),
+                make_run(model="m", nfe=99, source="training")):
+        assert store.record(run)
+    assert store.model_calls("m", audit_cost=400) == (6060, 700, 2)
+    assert store.model_calls("n") == (50, 0, 0) and store.model_calls("none") == (0, 0, 0)
+
+
 def test_expert_stats_match_a_hand_computation(store):
     rows = [
         # expert, nfe, seconds, success, quality, confidence
