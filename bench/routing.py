@@ -504,6 +504,42 @@ def prior_regrets(theta, tables: dict[str, Table], experts, grid=PRIOR_GRID, reg
     return regret[np.arange(len(grid)), _prior_picks(theta, experts, grid)]
 
 
+def nelder_mead(f, x0, maxiter: int = 4000, xatol: float = 1e-4, fatol: float = 1e-4) -> np.ndarray:
+    """The minimiser of ``f`` found by the Nelder-Mead simplex from ``x0`` (the standard
+    coefficients and initial simplex of scipy.optimize's, without the dependency): stops when the
+    simplex is within ``xatol`` of its best point and its values within ``fatol``, or after
+    ``maxiter`` iterations."""
+    x0 = np.asarray(x0, dtype=float)
+    n = len(x0)
+    simplex = [x0] + [x0 + np.eye(n)[i] * (0.05 * x0[i] if x0[i] != 0 else 0.00025) for i in range(n)]
+    values = [f(x) for x in simplex]
+    for _ in range(maxiter):
+        order = np.argsort(values)
+        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
+        if (max(np.max(np.abs(x - simplex[0])) for x in simplex[1:]) <= xatol
+                and max(abs(v - values[0]) for v in values[1:]) <= fatol):
+            break
+        centroid = np.mean(simplex[:-1], axis=0)
+        reflected = centroid + (centroid - simplex[-1])
+        fr = f(reflected)
+        if fr < values[0]:
+            expanded = centroid + 2.0 * (centroid - simplex[-1])
+            fe = f(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            outside = fr < values[-1]
+            contracted = centroid + 0.5 * ((reflected if outside else simplex[-1]) - centroid)
+            fc = f(contracted)
+            if fc < (fr if outside else values[-1]):
+                simplex[-1], values[-1] = contracted, fc
+            else:  # shrink towards the best point
+                simplex = [simplex[0]] + [simplex[0] + 0.5 * (x - simplex[0]) for x in simplex[1:]]
+                values = [values[0]] + [f(x) for x in simplex[1:]]
+    return simplex[int(np.argmin(values))]
+
+
 def fit_prior(tables: dict[str, Table], experts, fit_tables: dict[str, tuple[Table, list]] | None = None,
               start=None, grid=PRIOR_GRID, tolerance: float = 1e-4) -> tuple[np.ndarray, dict]:
     """The prior numbers of ``router.model.PRIOR_INIT`` fitted to training contexts.
@@ -516,8 +552,6 @@ def fit_prior(tables: dict[str, Table], experts, fit_tables: dict[str, tuple[Tab
     prior's quality and cost against each expert's mean outcome (``fit_tables``: yardstick ->
     (table, its experts), default ``tables``). The stochastic penalty ``e`` is kept (no stochastic
     expert in the pools). Nelder-Mead from ``start`` (default ``PRIOR_INIT``), three restarts."""
-    from scipy.optimize import minimize
-
     from moe_sampler.router.model import PRIOR_INIT
 
     fit_tables = fit_tables or {y: (t, experts) for y, t in tables.items()}
@@ -540,7 +574,7 @@ def fit_prior(tables: dict[str, Table], experts, fit_tables: dict[str, tuple[Tab
     start = PRIOR_INIT if start is None else start
     x = np.array([start[0], start[1], start[2], start[3], start[5]], dtype=float)
     for _ in range(3):
-        x = minimize(objective, x, method="Nelder-Mead", options={"maxiter": 4000, "xatol": 1e-5, "fatol": 1e-9}).x
+        x = nelder_mead(objective, x, maxiter=4000, xatol=1e-5, fatol=1e-9)
     theta = np.array(full(x))
     achieved = prior_regrets(theta, tables, experts, grid, regret)
     return theta, {"regret_mean": float(achieved.mean()), "regret_max": float(achieved.max()), "bound_mean": bound,
