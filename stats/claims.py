@@ -227,11 +227,12 @@ class FarmJob:
                         logger.info("farm job %s: %s retakes context %d (its claim's lease ran out)",
                                     self.key, self.worker, expired[0])
                         return Claim(int(expired[0]), token, int(expired[1]) + 1)
-                fresh = self._one(
-                    conn, "UPDATE {schema}.farm_jobs SET next_context = next_context + 1 "
-                    "WHERE job = ? AND next_context < contexts RETURNING next_context", (self.key,))
-                if fresh is None:
+                # No UPDATE ... RETURNING: SQLite has it only from 3.35 (Debian 11 ships 3.34). The row
+                # stays this transaction's (PostgreSQL's row lock, SQLite's BEGIN IMMEDIATE) until commit.
+                if self._count(conn, "UPDATE {schema}.farm_jobs SET next_context = next_context + 1 "
+                               "WHERE job = ? AND next_context < contexts", (self.key,)) != 1:
                     return None
+                fresh = self._one(conn, "SELECT next_context FROM {schema}.farm_jobs WHERE job = ?", (self.key,))
                 context = int(fresh[0]) - 1
                 conn.execute(self._sql(
                     "INSERT INTO {schema}.farm_contexts (job, context, state, worker, token, lease, attempts) "
