@@ -369,8 +369,13 @@ def train_on_farm(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequen
         return sweep_context(environment, contexts[index], pool, context_priority(key, index), job=key, index=index,
                              router_label=save_path.name, model=model_key, after_run=renew)
 
-    def update(runs: list[Any]) -> int:
-        router = train_from_runs(runs, pool, steps=UPDATES_PER_EPISODE * plan.episodes, seed=TRAINING_SEED)
+    def update(runs: list[Any], renew: Any) -> int:
+        def between() -> None:  # Cancel stops the fit (the update is released for another worker)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            renew()
+
+        router = train_from_runs(runs, pool, steps=UPDATES_PER_EPISODE * len(contexts), seed=TRAINING_SEED,
+                                 between=between)
         router.name = save_path.stem
         router.training["model"] = model_key  # the sampler warns when used on another model
         return adopt(routers, name, router, key)
@@ -378,8 +383,8 @@ def train_on_farm(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequen
     try:
         progress.episode_done(job.open().done)
         result = run_farm_worker(job, sweep, update, should_stop=comfy.model_management.processing_interrupted,
-                                 poll=1.0, on_context=lambda context, written: progress.episode_done(
-                                     job.progress().done))
+                                 poll=1.0, on_context=lambda context, written: _show_farm_progress(job, progress))
+        runs = job.runs() if not result.stopped else []
     finally:
         job.close()
     if result.stopped:
@@ -387,12 +392,22 @@ def train_on_farm(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequen
                     "%d of %d", key, result.swept, result.done, result.contexts)
         comfy.model_management.throw_exception_if_processing_interrupted()
         raise comfy.model_management.InterruptProcessingException()
-    runs = FarmJob(store, key, len(contexts)).runs()
     router = routers.load(name, result.version) if result.version else None
     report = farm_report(plan, save_path.name, name, pool, result, runs, router, total, store.label)
     curve = farm_curve(runs, router, pool, save_path.name)
     return TrainingOutcome(save_path.name, save_path, curve, report, result.contexts, 0, result.swept * len(pool),
                            farm=result)
+
+
+def _show_farm_progress(job: Any, progress: Any) -> None:
+    """Move the progress bar to the farm's done contexts; a store that cannot answer right now
+    (the context is already written) only leaves the bar where it is."""
+    from ..stats.store import StatsStoreError
+
+    try:
+        progress.episode_done(job.progress().done)
+    except StatsStoreError as exc:
+        logger.info("MoE farm job %s: progress not read (%s)", job.key, exc)
 
 
 def _farm_scores(runs: Sequence[Any], router: Any, pool: Sequence[Any]) -> list[tuple[int, float, float]]:
@@ -409,7 +424,8 @@ def _farm_scores(runs: Sequence[Any], router: Any, pool: Sequence[Any]) -> list[
     out = []
     for context in sorted(by_context):
         rows = by_context[context]
-        priority = next(iter(rows.values())).priority or 0.5
+        recorded = next(iter(rows.values())).priority
+        priority = 0.5 if recorded is None else recorded
         price = lambda_from_priority(priority)
         score = {e: ((r.quality or 0.0) if r.success else 0.0) - price * float(cost_from_nfe(r.nfe))
                  for e, r in rows.items()}

@@ -37,6 +37,7 @@ __all__ = ["ClaimLost", "FarmResult", "adopt", "context_priority", "run_farm_wor
 logger = logging.getLogger(__name__)
 UPDATES_PER_EPISODE = 4  # MoERLTrainer's default: Adam steps per context of the final update
 ADOPT_TRIES = 5
+FIT_CHUNK = 500  # Adam steps between lease renewals and Cancel checks of the final update
 
 
 class ClaimLost(RuntimeError):
@@ -116,9 +117,12 @@ def _context_of(run: RunRecord) -> int:
 
 
 def train_from_runs(runs: Sequence[RunRecord], experts: Sequence[Expert], *, steps: int, seed: int = 0,
-                    router: Router | None = None, batch_size: int = 64, learning_rate: float = 3e-3) -> Router:
+                    router: Router | None = None, batch_size: int = 64, learning_rate: float = 3e-3,
+                    between: Callable[[], None] | None = None) -> Router:
     """A router fitted on sweep rows: ``steps`` Adam steps of the trainer's weighted regression on
-    quality (0 for a failed run, as in a sweep episode) and cost.
+    quality (0 for a failed run, as in a sweep episode) and cost. ``between()`` is called every
+    :data:`FIT_CHUNK` steps (renew the update's lease, check for Cancel; it may raise to stop);
+    the chunks do not change the result.
 
     Rows of experts outside ``experts`` or without a state are skipped. Rows are ordered by context
     and pool order first, so the result depends on the rows, not on the order they were written.
@@ -139,7 +143,10 @@ def train_from_runs(runs: Sequence[RunRecord], experts: Sequence[Expert], *, ste
                          torch.tensor([float(r.quality or 0.0) if r.success else 0.0 for r in usable]),
                          torch.tensor([float(cost_from_nfe(r.nfe)) for r in usable]),
                          torch.ones(len(usable)))
-        trainer.fit(steps)
+        for done in range(0, steps, FIT_CHUNK):
+            trainer.fit(min(FIT_CHUNK, steps - done))
+            if between is not None:
+                between()
     trained = trainer.router
     trained.descriptors = tuple(e.descriptor for e in experts)
     trained.training = {**trained.training, "contexts": len({_context_of(r) for r in usable}), "runs": len(usable)}
@@ -175,8 +182,9 @@ def run_farm_worker(job: FarmJob, sweep: Callable[[int, Callable[[], None]], lis
     left to claim).
 
     ``sweep(context, renew)`` returns the rows of one context and calls ``renew()`` between expert
-    runs; ``update(runs)`` trains and adopts the router from all the job's rows and returns the
-    adopted version. ``on_context(context, written)`` follows each swept context. An exception in
+    runs; ``update(runs, renew)`` trains and adopts the router from all the job's rows, calls
+    ``renew()`` now and then (it raises :class:`ClaimLost` once another worker took the update
+    over) and returns the adopted version. ``on_context(context, written)`` follows each swept context. An exception in
     ``sweep`` (ComfyUI's interrupt) releases the claim at once, so another worker can take it.
     """
     job.open()
@@ -210,8 +218,14 @@ def run_farm_worker(job: FarmJob, sweep: Callable[[int, Callable[[], None]], lis
         token = job.take_update()
         if token is not None:
             logger.info("farm job %s: every context is done; %s runs the final update", job.key, job.worker)
+            def renew_update(token=token) -> None:
+                if not job.renew_update(token):
+                    raise ClaimLost(f"the final update of {job.key} was retaken by another worker")
             try:
-                version = update(job.runs())
+                version = update(job.runs(), renew_update)
+            except ClaimLost as exc:
+                logger.warning("farm job %s: %s; it finishes the job", job.key, exc)
+                continue
             except BaseException:
                 job.release_update(token)  # another worker (or this one, queued again) takes it at once
                 raise

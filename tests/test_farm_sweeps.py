@@ -26,6 +26,7 @@ from helpers import postgres as pg_helper
 
 from moe_sampler.experts import get_expert
 from moe_sampler.router.environment import AnalyticEnvironment
+from moe_sampler.router import farm as farm_module
 from moe_sampler.router.farm import (
     UPDATES_PER_EPISODE,
     ClaimLost,
@@ -111,8 +112,8 @@ def make_worker(farm: dict, contexts: int, worker: str, lease: float = 2.0, upda
                              job=key, index=index, router_label=NAME + ".safetensors", model="analytic-test",
                              after_run=after_run(renew))
 
-    def update(runs):
-        router = train_from_runs(runs, experts, steps=UPDATES_PER_EPISODE * contexts)
+    def update(runs, renew):
+        router = train_from_runs(runs, experts, steps=UPDATES_PER_EPISODE * contexts, between=renew)
         router.name = NAME
         return adopt(registry, NAME, router, key)
 
@@ -257,6 +258,40 @@ def test_the_update_depends_on_the_rows_not_on_their_order(farm):
     assert [v.version for v in registry.versions(NAME)] == [1]
     job.close()
     store.close()
+
+
+def test_a_final_update_taken_over_while_fitting_stops_and_adopts_nothing(farm, monkeypatch):
+    """The fit renews the update's lease between chunks; once another worker took the update
+    over, this worker stops fitting (ClaimLost), publishes nothing and waits for the other."""
+    monkeypatch.setattr(farm_module, "FIT_CHUNK", 2)
+    job, sweep, _, registry, store = make_worker(farm, 4, "solo")
+    other = FarmJob(open_store(farm), job.key, 4, spec(4), worker="other", update_lease=60.0)
+    fits = []
+
+    def update(runs, renew):
+        def between():
+            fits.append(len(fits))
+            if len(fits) == 2:  # this worker's lease ran out while it fitted; the other took it
+                assert other.take_update() is None  # still this worker's lease
+                job._retry(lambda conn: job._count(  # its lease runs out (a loaded machine, a long fit)
+                    conn, "UPDATE {schema}.farm_jobs SET lease = {now} - 1 WHERE job = ?", (job.key,)))
+                token = other.take_update()
+                assert token is not None and other.finish_update(token, 9)
+            renew()
+        train_from_runs(runs, pool(), steps=UPDATES_PER_EPISODE * 4, between=between)
+        raise AssertionError("the fit must stop once the update was retaken")
+
+    result = run_farm_worker(job, sweep, update, poll=0.05)
+    assert len(fits) == 2 and not result.ran_update and result.state == "done" and result.version == 9
+    assert registry.versions(NAME) == []  # this worker adopted nothing
+    steps = UPDATES_PER_EPISODE * 4
+    runs = job.runs()
+    assert same_weights(train_from_runs(runs, pool(), steps=steps),
+                        train_from_runs(runs, pool(), steps=steps, between=lambda: None))  # chunks change nothing
+    for opened in (job, other):
+        opened.close()
+    store.close()
+    other.store.close()
 
 
 # ------------------------------------------------------------------------------ worker processes
