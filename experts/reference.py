@@ -251,7 +251,8 @@ class AuditBudget:
                 if coin:
                     self._pending.add(key)
                 return AuditDraw(False, 0.0, share, coin)
-            self._pending.discard(key)
+        # A kept coin is spent only by an audit that ran (note() with its calls): a run that falls
+        # back, fails or is cancelled before its audit leaves it for the next run.
         return AuditDraw(coin or pending, 1.0 if pending else rate, share)
 
     def started(self, key: str) -> bool:
@@ -275,6 +276,7 @@ class AuditBudget:
             if audit_calls is not None:
                 entry[1] += max(int(audit_calls), 0)
                 entry[2] += 1
+                self._pending.discard(key)
 
     def share_of(self, key: str) -> float:
         """The audits' share of model ``key``'s model calls so far (0 before any call)."""

@@ -56,7 +56,8 @@ TOOLTIPS = {
                   "most 400 model calls) also runs from the same noise, so the run gets its exact quality for the "
                   "stats and the learning loop. The output is the expert's either way; an audited run takes "
                   "longer (shown on the node). Audits are skipped while they would exceed 4% of this model's "
-                  "model calls (MOE_SAMPLER_AUDIT_SHARE). 0 turns audits off.",
+                  "model calls (MOE_SAMPLER_AUDIT_SHARE; 'none' lifts the limit), so a model's first audit comes "
+                  "after about 10,000 of its model calls. 0 turns audits off.",
     "denoise": "How much of the schedule to run, as in KSampler: 1.0 for txt2img, lower to keep more of "
                "the input latent (img2img).",
     "expert_pool": "Experts the router may choose from (MoE Expert Pool). Not connected: the five main "

@@ -181,7 +181,9 @@ def test_the_audit_budget_reads_only_history():
     budget.note("m", 10_000)  # 800 <= 4% of 20,430
     kept = budget.draw("m", 1e-12)  # the coin kept from the skipped run is due: probability 1
     assert kept.audit and kept.probability == 1.0 and not kept.skipped
-    assert budget.draw("m", 1e-12) == type(kept)(False, 1e-12, kept.share)  # used once
+    assert budget.draw("m", 1e-12) == kept  # no audit ran yet (a fallback, a failure, Cancel): still due
+    budget.note("m", 30, 400)  # the audit ran: the kept coin is spent
+    assert not budget.draw("m", 1e-12).audit
     assert budget.draw("m", 0.0) == budget.draw("m", 0.0)  # rate 0: never audited, nothing drawn
     with pytest.raises(ValueError, match="^audit_rate"):
         budget.draw("m", -0.1)
