@@ -66,6 +66,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 HEADER = b"SQLite format 3\x00"
+MIN_SQLITE = (3, 24, 0)  # the upsert clause of the run ids' insert
 QUICK_CHECK_BUDGET = 2.0  # seconds; a bigger store is checked as far as this allows, once per process
 _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
 _DAMAGED_CODES = (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
@@ -163,6 +164,9 @@ class SQLiteBackend(Backend):
     # --- opening and checking ---------------------------------------------------------------
 
     def prepare(self) -> str | None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:  # ON CONFLICT ... DO NOTHING (the run ids) needs it
+            raise StatsStoreError(f"the stats store needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; this "
+                                  f"Python has {sqlite3.sqlite_version} (sampling goes on without stats)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         problem = check_file(self.path)
         if problem is None:

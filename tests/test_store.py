@@ -191,6 +191,13 @@ def test_model_calls_sum_a_models_sampler_runs_and_their_audits(store):
     assert store.model_calls("n") == (50, 0, 0) and store.model_calls("none") == (0, 0, 0)
 
 
+def test_a_too_old_sqlite_is_named_and_sampling_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "MIN_SQLITE", (99, 0, 0))
+    with StatsStore(tmp_path / "stats.sqlite3", timeout=0.5) as store:
+        assert not store.record(make_run())  # not stored, no exception
+        assert "needs SQLite 99.0.0 or newer" in (store.problem or "")
+
+
 def test_expert_stats_match_a_hand_computation(store):
     rows = [
         # expert, nfe, seconds, success, quality, confidence
