@@ -49,11 +49,7 @@ logger = logging.getLogger(__name__)
 
 @pytest.fixture(scope="module")
 def database():
-    try:
-        with pg_helper.scratch_database("moe_farm_") as url:
-            yield url
-    except pg_helper.Unavailable as exc:
-        pytest.skip(str(exc))
+    yield from pg_helper.scratch_database_or_skip("moe_farm_")
 
 
 @pytest.fixture(scope="module")

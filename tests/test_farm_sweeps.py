@@ -45,20 +45,13 @@ NAME = "farm_router"
 SLOW = 240.0  # seconds the multi-process test may take at most on a loaded 2-core machine
 
 
-def postgres_url() -> str:
-    try:
-        return pg_helper.database_url()
-    except pg_helper.Unavailable as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def farm(request, tmp_path):
     """``{"kind", "where", "schema", "folder"}``: one shared store (and registry) for the test's workers."""
     if request.param == "sqlite":
         yield {"kind": "sqlite", "where": str(tmp_path / "stats.sqlite3"), "schema": None, "folder": str(tmp_path)}
         return
-    url = postgres_url()
+    url = pg_helper.url_or_skip()
     schema = pg_helper.unique_schema()
     yield {"kind": "postgresql", "where": url, "schema": schema, "folder": str(tmp_path)}
     pg_helper.drop_schema(url, schema)
@@ -370,7 +363,7 @@ def test_workers_killed_mid_episode_lose_no_row_and_sweep_no_context_twice(farm,
 def test_a_worker_rides_out_a_server_restart(tmp_path):
     """PostgreSQL restarted while a worker sweeps: its connection is dropped, it reconnects, and the
     job ends with every context done once and every row there once."""
-    url = postgres_url()
+    url = pg_helper.url_or_skip()
     farm = {"kind": "postgresql", "where": url, "schema": pg_helper.unique_schema(), "folder": str(tmp_path)}
     restarted = []
 

@@ -39,11 +39,7 @@ SLOW = 900.0
 
 @pytest.fixture(scope="module")
 def database():
-    try:
-        with pg_helper.scratch_database("moe_farm_train_") as url:
-            yield url
-    except pg_helper.Unavailable as exc:
-        pytest.skip(str(exc))
+    yield from pg_helper.scratch_database_or_skip("moe_farm_train_")
 
 
 @pytest.fixture(scope="module")

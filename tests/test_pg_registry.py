@@ -30,16 +30,9 @@ NAME = "learned/eps-0123456789"
 SLOW = 120.0  # seconds a polling wait allows (a loaded 2-core CI machine)
 
 
-def postgres_url() -> str:
-    try:
-        return pg_helper.database_url()
-    except pg_helper.Unavailable as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture
 def db():
-    url = postgres_url()
+    url = pg_helper.url_or_skip()
     schema = pg_helper.unique_schema()
     yield url, schema
     pg_helper.drop_schema(url, schema)
@@ -252,7 +245,7 @@ def database():
     """A database of its own (the learning loop uses the default schema, as ComfyUI does)."""
     import psycopg
 
-    url = postgres_url()
+    url = pg_helper.url_or_skip()
     name = "moe_t_" + uuid.uuid4().hex[:12]
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")

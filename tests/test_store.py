@@ -107,19 +107,12 @@ class Target:
         self.set_version(version)
 
 
-def postgres_url() -> str:
-    try:
-        return pg_helper.database_url()
-    except pg_helper.Unavailable as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def target(request, tmp_path):
     if request.param == "sqlite":
         yield Target("sqlite", tmp_path / "stats.sqlite3")
         return
-    url = postgres_url()
+    url = pg_helper.url_or_skip()
     schema = pg_helper.unique_schema()
     yield Target("postgresql", url, schema)
     pg_helper.drop_schema(url, schema)
@@ -693,7 +686,7 @@ def test_postgres_unreachable_keeps_runs_and_says_so_quickly():
 
 @pytest.fixture
 def postgres_target():
-    url = postgres_url()
+    url = pg_helper.url_or_skip()
     schema = pg_helper.unique_schema()
     yield Target("postgresql", url, schema)
     pg_helper.drop_schema(url, schema)

@@ -79,10 +79,7 @@ def where(request, tmp_path):
     if request.param == "sqlite":
         yield Where("sqlite", tmp_path / "stats.sqlite3")
         return
-    try:
-        url = pg_helper.database_url()
-    except pg_helper.Unavailable as exc:
-        pytest.skip(str(exc))
+    url = pg_helper.url_or_skip()
     schema = pg_helper.unique_schema()
     yield Where("postgresql", url, schema)
     pg_helper.drop_schema(url, schema)

@@ -164,3 +164,25 @@ def environment(**values: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def url_or_skip() -> str:
+    """:func:`database_url`, or the calling test skips with the reason (a failure under
+    ``MOE_SAMPLER_NO_SKIP=1``, as in CI)."""
+    import pytest
+
+    try:
+        return database_url()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+def scratch_database_or_skip(prefix: str) -> Iterator[str]:
+    """A module fixture's body: :func:`scratch_database` yielded, or a skip with the reason."""
+    import pytest
+
+    try:
+        with scratch_database(prefix) as url:
+            yield url
+    except Unavailable as exc:
+        pytest.skip(str(exc))
