@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from .backend import BUSY, GONE, StatsStoreError
-from .records import COLUMNS, RunRecord, row_to_dict, run_to_row
+from .records import INSERT_RUNS, SELECT_RUNS, RunRecord, row_to_dict, run_to_row
 
 __all__ = ["Claim", "FarmJob", "FarmProgress", "JobMismatch", "job_key"]
 
@@ -49,7 +49,6 @@ DEFAULT_LEASE = 300.0  # seconds a claim lives without renewal (a worker renews 
 UPDATE_LEASE = 600.0  # seconds the final update may take before another worker retakes it
 _NOW = {"sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
         "postgresql": "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"}
-_INSERT = f"INSERT INTO {{table}} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
 class JobMismatch(ValueError):
@@ -269,7 +268,7 @@ class FarmJob:
         transaction that did commit is recognised by its token and not written twice.
         """
         rows = [run_to_row(run if run.job == self.key else _with_job(run, self.key)) for run in runs]
-        insert = self.backend.sql(_INSERT)
+        insert = self.backend.sql(INSERT_RUNS)
 
         def work(conn: Any) -> bool:
             with self._transaction(conn):
@@ -312,7 +311,7 @@ class FarmJob:
 
     def runs(self) -> list[RunRecord]:
         """Every sweep row of the job, oldest first."""
-        select = f"SELECT id, {', '.join(COLUMNS)} FROM {{table}} WHERE job = ? ORDER BY id"
+        select = f"{SELECT_RUNS} WHERE job = ? ORDER BY id"
         rows = self._retry(lambda conn: conn.execute(self._sql(select), (self.key,)).fetchall())
         out = []
         for row in rows:

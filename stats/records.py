@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 __all__ = [
     "COLUMNS",
+    "INSERT_RUNS",
+    "SELECT_RUNS",
     "SOURCES",
     "STATE_DIM",
     "ExpertStats",
@@ -40,6 +42,11 @@ COLUMNS = (
     "seconds", "quality", "success", "confidence", "propensity", "error", "seed",
     "quality_source", "error_estimate", "model", "details", "audit_seconds", "job", "run_id",
 )  # fmt: skip
+# The SQL of the runs table that every writer and reader shares ({table}: Backend.sql fills it in).
+# A run already stored (a retry after a commit whose answer was lost) is not stored again.
+INSERT_RUNS = (f"INSERT INTO {{table}} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+               "ON CONFLICT (run_id) DO NOTHING")
+SELECT_RUNS = f"SELECT id, {', '.join(COLUMNS)} FROM {{table}}"
 # name: (low, high, low excluded, None allowed)
 _BOUNDS = {
     "created": (0.0, math.inf, False, False),

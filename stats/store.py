@@ -40,7 +40,8 @@ from typing import Any, Callable, TextIO, TypeVar
 
 from .backend import BUSY, DAMAGED, GONE, Backend, StatsStoreError
 from .postgres_store import PostgresBackend, is_database_url, redact
-from .records import COLUMNS, ExpertStats, RunRecord, row_to_dict, run_to_row, score_experts
+from .records import (COLUMNS, INSERT_RUNS, SELECT_RUNS, ExpertStats, RunRecord, row_to_dict, run_to_row,
+                      score_experts)
 from .sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteBackend
 
 __all__ = [
@@ -61,10 +62,6 @@ BATCH = 256  # runs per write transaction when the background writer catches up
 MAX_BACKOFF = 5.0  # seconds between retries of a write that keeps failing
 PROBE_WAIT = 0.25  # seconds health() waits for the write lock before calling the store locked
 PROBE_REUSE = 1.0  # seconds a probe that found the store locked is reused
-# A run already stored (a retry after a commit whose answer was lost) is not stored again.
-_INSERT = (f"INSERT INTO {{table}} ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-           "ON CONFLICT (run_id) DO NOTHING")
-_SELECT = f"SELECT id, {', '.join(COLUMNS)} FROM {{table}}"
 _REAL = "CAST({} AS DOUBLE PRECISION)"  # AVG of integers is a float in SQLite but a decimal in PostgreSQL
 _AGGREGATE = (
     "SELECT expert, COUNT(*), AVG(" + _REAL.format("success") + "), AVG(CASE WHEN success = 1 THEN quality END), "
@@ -295,7 +292,7 @@ class StatsStore:
     def _write(self, runs: list[RunRecord]) -> bool:
         """Insert ``runs`` in one transaction, waiting up to ``timeout`` for the lock; True if committed."""
         rows = [run_to_row(run) for run in runs]
-        sql = self.backend.sql(_INSERT)
+        sql = self.backend.sql(INSERT_RUNS)
         deadline = time.monotonic() + self.timeout
         delay, recovered = 0.005, False
         with self._write_lock:
@@ -402,7 +399,7 @@ class StatsStore:
         Raises :class:`StatsStoreError` if the database cannot be read.
         """
         where, params = _where(expert=expert, router=router, source=source)
-        sql = f"{_SELECT}{where} ORDER BY id"
+        sql = f"{SELECT_RUNS}{where} ORDER BY id"
         if limit is not None:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
                 raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
@@ -496,7 +493,7 @@ class StatsStore:
         target = Path(path)
 
         def stream(conn: Any) -> int:
-            with self.backend.stream(conn, self.backend.sql(f"{_SELECT} ORDER BY id")) as rows:
+            with self.backend.stream(conn, self.backend.sql(f"{SELECT_RUNS} ORDER BY id")) as rows:
                 handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
                 try:
                     os.chmod(temp, 0o644)  # mkstemp makes 0600; an export is meant to be shared
