@@ -337,11 +337,20 @@ def run_records(attempts: Sequence[Attempt], *, state: Any, selection: Any, rout
             seconds=max(attempt.seconds, 0.0), success=attempt.success, source="sampling", quality=quality,
             confidence=selection.confidence if picked and selection is not None else None,
             propensity=(1.0 if selection is None else selection.propensity) if picked else None,
-            priority=priority, state=state, error=attempt.error, seed=seed, details=details if picked else None,
+            priority=priority, state=state, error=attempt.error, seed=seed,
+            details=_with_estimate(details if picked else None, attempt.estimate_inputs if attempt.success else None),
             error_estimate=attempt.error_estimate,
             quality_source=None if quality is None else "estimate",
         ))
     return records
+
+
+def _with_estimate(details: dict | None, inputs: dict | None) -> dict | None:
+    """``details`` plus the run's calibration inputs under ``estimate`` (what a later calibration
+    rescoring of the row reads, :func:`moe_sampler.router.online.calibrate_rows`)."""
+    if inputs is None:
+        return details
+    return {**(details or {}), "estimate": {k: float(f"{float(v):.6g}") for k, v in inputs.items()}}
 
 
 def badge(report: SamplingReport, selection: Any, router: str, why: dict | None = None) -> dict:

@@ -457,7 +457,8 @@ class ComfyEnvironment(DenoiserEnvironment):
         samples = latent["samples"].detach().float().cpu()
         if not math.isfinite(relative_error(samples, samples)):
             return Sampled(None, report.nfe, report.steps, report.seconds, "non-finite output")
-        return Sampled(samples, report.nfe, report.steps, report.seconds)
+        estimate = attempts[-1].estimate_inputs if attempts and attempts[-1].success else None
+        return Sampled(samples, report.nfe, report.steps, report.seconds, estimate=estimate)
 
     def relative_error(self, context: ComfyContext, x: Any, reference: Any) -> Any:
         """Relative error over the whole latent, as a [1] tensor."""

@@ -185,6 +185,21 @@ def learned_policy(key: str, epsilon: float | None = None) -> LearnedPolicy:
     return LearnedPolicy(cached[1], version, label)
 
 
+def router_calibration(router: Any) -> Any:
+    """The fidelity-estimate calibration a router keeps (``training["calibration"]``, written by
+    an online update or a sweep on its model), or None when it has none or it cannot be read."""
+    from ..router.calibration import Calibration
+
+    data = (getattr(router, "training", None) or {}).get("calibration")
+    if not data:
+        return None
+    try:
+        return Calibration.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        logger.warning("ignoring the unreadable calibration of router %s: %s", getattr(router, "name", "?"), exc)
+        return None
+
+
 def learning_info(choice: Any, learned: LearnedPolicy, learner: "OnlineLearner | None", key: str) -> dict:
     """The badge's ``learning`` entry: phase, sentence, version, rows, next update."""
     policy = learned.policy
@@ -413,6 +428,7 @@ def annotate(records: list, *, model: str | None, audit: Audit | None = None, de
         if "model" in names and model is not None:
             fields["model"] = model
         if i == 0:
+            extra = dict(details or {})
             if audit is not None:
                 if "audit_seconds" in names:
                     fields["audit_seconds"] = max(audit.seconds, 0.0)
@@ -420,8 +436,10 @@ def annotate(records: list, *, model: str | None, audit: Audit | None = None, de
                     fields["quality"] = float(audit.quality)
                     if "quality_source" in names:
                         fields["quality_source"] = "audit"
-            if details and "details" in names:
-                fields["details"] = {**_details_dict(record), **details}
+                    if audit.relative_error is not None:
+                        extra["true_error"] = float(audit.relative_error)  # a calibration pair with details.estimate
+            if extra and "details" in names:
+                fields["details"] = {**_details_dict(record), **extra}
         out.append(dataclasses.replace(record, **fields) if fields else record)
     return out
 

@@ -156,7 +156,7 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
     key = online_learning.model_fingerprint(model)
     store = paths.stats_store() if store is None else store
     audit_draw = online_learning.decide_audit(key, audit_rate, store=store)  # before sampling: earlier runs only
-    selection = router_info = learning = learning_details = warning = active_learner = None
+    selection = router_info = learning = learning_details = warning = active_learner = calibration = None
     label = MANUAL_ROUTER
     if forced is None and router == online_learning.LEARNED_ROUTER:
         learned = online_learning.learned_policy(key)
@@ -166,12 +166,14 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
         learning = online_learning.learning_info(choice, learned, active_learner, key)
         learning_details = online_learning.choice_details(choice, learned)
         router_info = why.router_info(learned.policy.router, label)
+        calibration = online_learning.router_calibration(learned.policy.router)
     elif forced is None:
         routing = paths.load_router(router)
         selection = routing.select(state, pool, priority=priority, temperature=temperature, seed=seed)
         label = router_label(router)
         router_info = why.router_info(routing, label)
         warning = None if router == paths.BUILTIN_ROUTER else online_learning.model_warning(routing, key, router)
+        calibration = online_learning.router_calibration(routing) if warning is None else None
     expert = forced if forced is not None else pool[selection.index]
     details = why.record_details(selection, pool, priority, router_info or {"label": label}, expert)
     attempts: list[bridge.Attempt] = []
@@ -186,7 +188,7 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
         audit_info = online_learning.note_calls(key, attempts, audit, audit_draw, audit_rate)
         row_details = {**(learning_details or {}), **({"audit": audit_info} if audit_info else {})}
         recorded = _record(store, attempts, state=state, selection=selection, router=label, priority=priority,
-                           seed=seed, details=details, annotate=lambda records: online_learning.annotate(
+                           seed=seed, details=details, calibration=calibration, annotate=lambda records: online_learning.annotate(
                                records, model=key, audit=audit, details=row_details or None))
     if active_learner is not None and recorded:
         active_learner.note_run(key, pool, store)  # counts and queues; never waits for an update

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from comfy_api.latest import io, ui
 
+from ..router.calibration import MIN_PAIRS, Calibration
 from ..experts import default_pool
 from . import comfy_experts, paths
 from .comfy_environment import (
@@ -110,7 +111,7 @@ def _initial_router(plan: TrainingPlan, save_path: Path, checkpoint: Path) -> An
     return router
 
 
-def _record_run(store: Any, label: str, mode: str, run: ExpertRunReport) -> bool:
+def _record_run(store: Any, label: str, mode: str, run: ExpertRunReport, model: str | None = None) -> bool:
     from ..stats.store import RunRecord
 
     try:
@@ -118,7 +119,10 @@ def _record_run(store: Any, label: str, mode: str, run: ExpertRunReport) -> bool
             expert=run.expert, router=label, nfe=run.nfe, steps=run.steps, seconds=max(run.seconds, 0.0),
             success=run.success, source="training", quality=run.quality if run.success else None,
             propensity=1.0 if mode == "sweep" else None, priority=run.priority, state=run.state,
-            error=run.error, seed=run.context.seed,
+            error=run.error, seed=run.context.seed, details=run.pair_details(),
+            # Sweep rows are full information on this model: the online loop learns from them too.
+            model=model if mode == "sweep" else None, quality_source="sweep" if mode == "sweep" else None,
+            error_estimate=(run.estimate or {}).get("estimate") if run.success else None,
         )
         return bool(store.record_async(record))
     except Exception:  # the store must never break training
@@ -235,11 +239,18 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
         checkpoint.unlink()  # our own resumable state; the user asked to start over
     store = paths.stats_store()
     recorded = [0]
+    from .online_learning import model_fingerprint
+
+    model_key = model_fingerprint(model)
+    pairs: list = []  # (expert, calibration inputs, true error) of this run's fresh expert runs
 
     progress = TrainingProgress(plan.episodes, len(pool) if plan.mode == "sweep" else 1, node_id, model)
 
     def on_run(run: ExpertRunReport) -> None:
-        recorded[0] += _record_run(store, save_path.name, plan.mode, run)
+        recorded[0] += _record_run(store, save_path.name, plan.mode, run, model_key)
+        pair = run.pair_details()
+        if pair is not None:
+            pairs.append((run.expert, pair["estimate"], pair["true_error"]))
         progress.expert_run(environment.last_samples if run.success else None)
 
     contexts = training_contexts(len(plan.prompts), plan.sizes, plan.cfgs, plan.seeds_per_prompt)
@@ -270,9 +281,9 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
                     save_path.name, result.episodes)
         comfy.model_management.throw_exception_if_processing_interrupted()
         raise comfy.model_management.InterruptProcessingException()
-    from .online_learning import model_fingerprint
-
-    trainer.router.training["model"] = model_fingerprint(model)  # the sampler warns when used on another model
+    trainer.router.training["model"] = model_key  # the sampler warns when used on another model
+    if len(pairs) >= MIN_PAIRS:  # the sampler scores its runs' estimates with it (a resumed run: its new runs)
+        trainer.router.training["calibration"] = Calibration.fit(pairs).to_dict()
     trainer.router.save(save_path)
     report = training_report(plan, save_path.name, trainer, environment, result, resumed_from, reference_steps)
     if resumed_from == plan.episodes:

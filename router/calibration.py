@@ -79,7 +79,10 @@ FEATURES: Mapping[str, Callable[[Mapping[str, Any]], float]] = {
 DEFAULT_FEATURES = ("log10_estimate", "log10_first_order", "log10_tail", "log_sigma_start", "log_sigma_end", "log_cfg",
                     "log_nfe", "log_scale", "log10_remaining", "log10_local_plain", "log10_local_last",
                     "log10_last_change")
-REDUCED = ("log10_estimate",)
+# Few pairs: the estimate and the start level (img2img starts lower and errs less for the same
+# estimate; without it a calibration fitted mostly on text-to-image runs misjudged img2img runs
+# by up to 0.15 in quality, docs/ROUTER.md).
+REDUCED = ("log10_estimate", "log_sigma_start")
 # With fewer than 6 pairs per feature but at least this many features' worth, an expert gets the
 # first features of the list its pairs support (the default list's first eight are the calibration
 # of before the early-stop remainder: an expert with 48-71 pairs keeps what it had then).

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..experts.analytic import REFERENCE_SIGMA_END, AnalyticModel, _dopri5, _rk4, quality_from_error, random_prompts
 from ..experts.base import CountingDenoiser, Denoiser, Expert, ModelSchedule
+from .calibration import calibration_inputs
 from .features import state_from_analytic, state_from_conditioning
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,16 @@ class RunReport:
     error: str | None
     priority: float | None
     state: Any
+    estimate: Any = None  # the run's calibration inputs (router.calibration.calibration_inputs), or None
+
+    def pair_details(self) -> dict | None:
+        """The run's calibration pair as stats-row details (``estimate``: the inputs, 6 significant
+        digits; ``true_error``: the relative error against the reference), or None when the run
+        failed or has no estimate."""
+        if not self.success or self.estimate is None or not math.isfinite(self.relative_error):
+            return None
+        return {"estimate": {k: float(f"{float(v):.6g}") for k, v in self.estimate.items()},
+                "true_error": float(self.relative_error)}
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,7 @@ class Sampled:
     steps: int
     seconds: float
     error: str | None = None
+    estimate: Any = None  # calibration inputs of the run's fidelity estimate, or None
 
 
 class ContextSource(Protocol):
@@ -349,7 +361,9 @@ class DenoiserEnvironment:
             return Sampled(None, expert.descriptor.max_nfe, 0, 0.0, f"{type(exc).__name__}: {exc}")
         if not run.finite:
             return Sampled(None, run.nfe, run.steps, run.seconds, "non-finite output")
-        return Sampled(result, run.nfe, run.steps, run.seconds)
+        report = {"error_estimate": run.error_estimate, "estimate_features": run.estimate_features, "nfe": run.nfe}
+        return Sampled(result, run.nfe, run.steps, run.seconds,
+                       estimate=calibration_inputs(report, cfg=getattr(context, "cfg", None)))
 
     def _evaluate_one(self, context: Any, expert: Expert) -> Outcome:
         key = (context, expert.name, expert.descriptor)
@@ -369,7 +383,7 @@ class DenoiserEnvironment:
             priority = self.report_priority
             self.on_run(RunReport(context, expert.name, run.nfe, run.steps, run.seconds, outcome.quality,
                                   outcome.relative_error, outcome.success, run.error, priority,
-                                  self.state(context, priority)))
+                                  self.state(context, priority), run.estimate if run.latent is not None else None))
         return outcome
 
 

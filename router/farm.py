@@ -106,7 +106,8 @@ def sweep_context(environment: Any, context: Any, experts: Sequence[Expert], pri
             steps=int(report.steps) if report is not None else 0, seconds=max(float(outcome.seconds), 0.0),
             success=bool(outcome.success), source="training", quality=outcome.quality if outcome.success else None,
             propensity=1.0, priority=priority, state=state, error=error, seed=None if seed is None else int(seed),
-            quality_source="sweep", model=model, details={"farm": {"context": index}}, job=job,
+            quality_source="sweep", model=model, job=job,
+            details={"farm": {"context": index}, **((report.pair_details() if report is not None else None) or {})},
         ))
     return runs
 
@@ -150,6 +151,12 @@ def train_from_runs(runs: Sequence[RunRecord], experts: Sequence[Expert], *, ste
     trained = trainer.router
     trained.descriptors = tuple(e.descriptor for e in experts)
     trained.training = {**trained.training, "contexts": len({_context_of(r) for r in usable}), "runs": len(usable)}
+    # The job's calibration pairs (estimate inputs, true error): the sampler scores its estimates with it.
+    from .online import calibrate_rows, rows_from_records
+
+    calibration = calibrate_rows(rows_from_records(usable))[1]
+    if calibration is not None:
+        trained.training["calibration"] = calibration.to_dict()
     return trained
 
 

@@ -59,6 +59,7 @@ from torch import Tensor
 
 from ..experts.base import ExpertDescriptor
 from .features import DENOISE_SLOT, STATE_DIM
+from .calibration import POOLED, Calibration
 from .model import ExpertScorer, Router
 from .policy import REFERENCE_TEMPERATURE, Selection, check_priority, cost_from_nfe, draw, lambda_from_priority
 from .policy import probabilities as softmax_probabilities
@@ -77,9 +78,13 @@ PROPENSITY_CLIP = 10.0  # largest regression weight 1 / propensity (as MoERLTrai
 PHASES = ("learning", "guarded")
 GROUPS = ("text-to-image", "img2img")  # the guard's groups of contexts, told apart by the state's denoise slot
 MIN_GROUP_ROWS = 5  # rows of an expert in a group before the group's own evidence is used (else the pooled)
+# Systematic error of the mean quality of an expert's estimate rows when no calibration fitted on
+# this model's own pairs (audits, sweeps) covers that expert: the raw estimate's per-expert bias
+# reached 0.16 on each yardstick, a calibration fitted on the other yardstick 0.17 (docs/ROUTER.md).
+RAW_BIAS = 0.15
 
 __all__ = ["EPSILON", "GROUPS", "Evidence", "GuardedChoice", "GuardedPolicy", "LoggedRow", "UpdateResult",
-           "PRIOR_FIXED", "fingerprint_tensors", "fit_candidate", "group_index", "model_key", "prior_fixed",
+           "PRIOR_FIXED", "RAW_BIAS", "calibrate_rows", "fingerprint_tensors", "fit_candidate", "group_index", "model_key", "prior_fixed",
            "policy_values", "rows_from_records", "split_rows",
            "update"]
 
@@ -125,6 +130,10 @@ class LoggedRow:
     priority: float
     quality_source: str
     key: str
+    # The run's calibration inputs (router.calibration.calibration_inputs) and, for an audited or
+    # swept run, its true relative error: one calibration pair.
+    inputs: Any = None
+    true_error: float | None = None
 
 
 def rows_from_records(records: Sequence[Any], model: str | None = None,
@@ -148,10 +157,58 @@ def rows_from_records(records: Sequence[Any], model: str | None = None,
         source = getattr(r, "quality_source", None) or ("sweep" if r.source == "training" else "estimate")
         digest = hashlib.sha1(repr(tuple(r.state)).encode()).hexdigest()[:12]
         key = f"{digest}|{r.seed}|{r.expert}|{r.priority}|{r.created!r}"
+        inputs, true_error = _pair_of(r) if r.success else (None, None)
         rows.append(LoggedRow(tuple(r.state), r.expert, quality, float(cost_from_nfe(r.nfe)),
                               float(r.propensity or 1.0), 0.5 if r.priority is None else float(r.priority),
-                              source, key))
+                              source, key, inputs, true_error))
     return rows
+
+
+def _pair_of(record: Any) -> tuple[dict | None, float | None]:
+    """(calibration inputs, true relative error) kept in a record's details (``estimate``,
+    ``true_error``; either None when absent or unreadable)."""
+    getter = getattr(record, "details_dict", None)
+    try:
+        details = (getter() if callable(getter) else None) or {}
+    except (TypeError, ValueError):
+        return None, None
+    inputs = details.get("estimate")
+    if not isinstance(inputs, dict) or not math.isfinite(float(inputs.get("estimate", math.nan))):
+        inputs = None
+    error = details.get("true_error")
+    try:
+        error = float(error) if error is not None and math.isfinite(float(error)) and float(error) >= 0 else None
+    except (TypeError, ValueError):
+        error = None
+    return inputs, error
+
+
+def calibrate_rows(rows: Sequence[LoggedRow], pairs: Sequence[tuple[str, Any, float]] = ()
+                   ) -> tuple[list[LoggedRow], Calibration | None, dict[str, float]]:
+    """The rows with each estimate row's quality from the model's calibration, that
+    calibration, and each expert's bound on the systematic error of its estimate rows' quality.
+
+    The calibration is fitted (:meth:`~.calibration.Calibration.fit`) on the pairs (inputs, true
+    error) of the audited and swept rows, plus ``pairs`` (``(expert, inputs, true error)`` of
+    this model from outside the rows). An expert without a fit of its own keeps its raw
+    estimate's quality and the bound :data:`RAW_BIAS`; a calibrated one ``std / 3 / sqrt(pairs)``
+    (the standard error of its fit's intercept, in quality units).
+    """
+    pairs = [*pairs, *((r.expert, r.inputs, r.true_error) for r in rows
+                       if r.inputs is not None and r.true_error is not None)]
+    calibration = Calibration.fit(pairs) if pairs else None
+    if calibration is not None and not calibration.fits:
+        calibration = None  # fewer pairs than one fit needs
+    fits = {name: fit for name, fit in (calibration.fits if calibration else {}).items() if name != POOLED}
+    bias = {name: fit.std / 3.0 / math.sqrt(max(fit.pairs, 1)) for name, fit in fits.items()}
+    if calibration is None:
+        return list(rows), None, bias
+    out = []
+    for r in rows:
+        if r.quality_source == "estimate" and r.inputs is not None and r.expert in fits:
+            r = dataclasses.replace(r, quality=float(calibration.predict_quality(r.expert, r.inputs)[0]))
+        out.append(r)
+    return out, calibration, bias
 
 
 def is_heldout(row: LoggedRow, share: float = HELDOUT_SHARE) -> bool:
@@ -188,6 +245,9 @@ class ExpertEvidence:
     quality: float
     cost: float
     quality_sd: float = DEFAULT_QUALITY_SD
+    # Bound on the systematic error of ``quality`` (its estimate rows' share times the expert's
+    # calibration bound, :func:`calibrate_rows`): added to the guard's margins.
+    bias: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -238,7 +298,7 @@ class Evidence:
         """Evidence from router metadata; empty for anything unreadable (a hand-made file)."""
         def experts_of(entries: Any) -> dict[str, ExpertEvidence]:
             return {str(k): ExpertEvidence(int(v["rows"]), float(v["quality"]), float(v["cost"]),
-                                           float(v.get("quality_sd", DEFAULT_QUALITY_SD)))
+                                           float(v.get("quality_sd", DEFAULT_QUALITY_SD)), float(v.get("bias", 0.0)))
                     for k, v in dict(entries).items()}
 
         try:
@@ -333,8 +393,9 @@ def fixed_choices(evidence: Evidence, experts: Sequence[Any], lam: Tensor, z: fl
     pooled_rows = torch.tensor([float((evidence.experts.get(_name(e)) or ExpertEvidence(0, 0, 0)).rows)
                                 for e in experts], dtype=torch.float64)
     pooled_q, pooled_c = _fixed_quality_cost(evidence, experts)
+    pooled_bias = _biases(evidence.experts, experts)
     if states is None:
-        return _separated(pooled_q, pooled_c, pooled_rows, lam, descriptor_prior, z)
+        return _separated(pooled_q, pooled_c, pooled_rows, lam, descriptor_prior, z, pooled_bias)
     out = descriptor_prior.clone()
     index = group_index(states)
     for g, group in enumerate(GROUPS):
@@ -343,20 +404,28 @@ def fixed_choices(evidence: Evidence, experts: Sequence[Any], lam: Tensor, z: fl
             continue
         prior = prior_fixed(experts, lam[mask], group)
         prior = torch.where(prior >= 0, prior, descriptor_prior[mask])
-        choice = _separated(pooled_q, pooled_c, pooled_rows, lam[mask], prior, z)
+        choice = _separated(pooled_q, pooled_c, pooled_rows, lam[mask], prior, z, pooled_bias)
         rows = _group_rows(evidence, experts, group)
         if bool((rows >= MIN_GROUP_ROWS).any()):
             q, c = _fixed_quality_cost(evidence, experts, group)
             own = _separated(q, c, torch.where(rows >= MIN_GROUP_ROWS, rows, torch.zeros_like(rows)), lam[mask],
-                             prior, z)
+                             prior, z, _biases(evidence.groups.get(group, {}), experts))
             choice = torch.where(rows[prior] >= MIN_GROUP_ROWS, own, choice)
         out[mask] = choice
     return out
 
 
-def _separated(q: Tensor, c: Tensor, rows: Tensor, lam: Tensor, prior: Tensor, z: float) -> Tensor:
+def _biases(source: dict[str, ExpertEvidence], experts: Sequence[Any]) -> Tensor:
+    """[N] float64: each expert's systematic-error bound in ``source`` (0 without rows)."""
+    return torch.tensor([float(source[_name(e)].bias) if _name(e) in source else 0.0 for e in experts],
+                        dtype=torch.float64)
+
+
+def _separated(q: Tensor, c: Tensor, rows: Tensor, lam: Tensor, prior: Tensor, z: float,
+               bias: Tensor | None = None) -> Tensor:
     """[R]: the expert of best mean utility ``q - lam c`` where it beats ``prior`` [R] by ``z``
-    standard errors (``DEFAULT_QUALITY_SD / sqrt(rows)`` per expert, none without rows), else ``prior``."""
+    standard errors (``DEFAULT_QUALITY_SD / sqrt(rows)`` per expert, none without rows) plus both
+    experts' systematic-error bounds ``bias`` [N] (:func:`calibrate_rows`), else ``prior``."""
     utility = q[None] - lam * c[None]  # [R, N]
     r = torch.arange(len(lam))
     candidates = (rows > 0)[None].repeat(len(lam), 1)
@@ -364,6 +433,8 @@ def _separated(q: Tensor, c: Tensor, rows: Tensor, lam: Tensor, prior: Tensor, z
     best = torch.argmax(torch.where(candidates, utility, torch.full_like(utility, -math.inf)), dim=1)
     var = torch.where(rows > 0, DEFAULT_QUALITY_SD ** 2 / rows.clamp_min(1), torch.full_like(rows, math.inf))
     margin = utility[r, best] - utility[r, prior] - z * (var[best] + var[prior]).sqrt()
+    if bias is not None:
+        margin = margin - bias[best] - bias[prior]
     return torch.where((best == prior) | (margin > 0), best, prior)
 
 
@@ -398,25 +469,36 @@ def _priority_of(lam: Tensor) -> Tensor:
 
 
 def _weighted_sums(rows: Sequence[LoggedRow]) -> dict[str, list[float]]:
-    """Per expert: [rows, sum of 1/propensity, and of quality and cost weighted by it] (SNIPS sums)."""
+    """Per expert: [rows, sum of 1/propensity, and of quality and cost weighted by it, and of
+    1/propensity over estimate rows] (SNIPS sums)."""
     sums: dict[str, list[float]] = {}
     for row in rows:
         w = 1.0 / row.propensity
-        s = sums.setdefault(row.expert, [0, 0.0, 0.0, 0.0])
+        s = sums.setdefault(row.expert, [0, 0.0, 0.0, 0.0, 0.0])
         s[0] += 1
         s[1] += w
         s[2] += w * row.quality
         s[3] += w * row.cost
+        s[4] += w if row.quality_source == "estimate" else 0.0
     return sums
 
 
+def _evidence(name: str, sums: list[float], sd: float, bias: dict[str, float] | None) -> ExpertEvidence:
+    n, ws, qs, cs, we = sums
+    bound = 0.0 if bias is None else (we / ws) * bias.get(name, RAW_BIAS)
+    return ExpertEvidence(int(n), qs / ws, cs / ws, sd, bound)
+
+
 def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] = (), router: Router | None = None,
-                       descriptors: dict[str, ExpertDescriptor] | None = None, trusted: bool = False) -> Evidence:
-    """Per-expert SNIPS means from ``rows`` and the router's RMSE per expert on ``heldout``."""
+                       descriptors: dict[str, ExpertDescriptor] | None = None, trusted: bool = False,
+                       bias: dict[str, float] | None = None) -> Evidence:
+    """Per-expert SNIPS means from ``rows`` and the router's RMSE per expert on ``heldout``;
+    with ``bias`` (:func:`calibrate_rows`), each expert's bound on the systematic error of its
+    mean quality (0 without)."""
     sums = _weighted_sums(rows)
     sd = _heldout_rmse(router, heldout, descriptors) if router is not None and descriptors else {}
-    experts = {name: ExpertEvidence(int(n), qs / ws, cs / ws, sd.get(name, sd.get("*", DEFAULT_QUALITY_SD)))
-               for name, (n, ws, qs, cs) in sums.items()}
+    experts = {name: _evidence(name, s, sd.get(name, sd.get("*", DEFAULT_QUALITY_SD)), bias)
+               for name, s in sums.items()}
     low = high = None
     groups: dict[str, dict[str, ExpertEvidence]] = {}
     if rows:
@@ -433,9 +515,8 @@ def evidence_from_rows(rows: Sequence[LoggedRow], heldout: Sequence[LoggedRow] =
             held = [row for row, i in zip(heldout, held_index) if i == g]
             group_sd = _heldout_rmse(router, held, descriptors) if router is not None and descriptors else {}
             groups[group] = {
-                name: ExpertEvidence(int(n), qs / ws, cs / ws,
-                                     group_sd.get(name, group_sd.get("*", experts[name].quality_sd)))
-                for name, (n, ws, qs, cs) in group_sums.items()}
+                name: _evidence(name, s, group_sd.get(name, group_sd.get("*", experts[name].quality_sd)), bias)
+                for name, s in group_sums.items()}
     return Evidence(len(rows), trusted, experts, low, high, groups)
 
 
@@ -532,6 +613,7 @@ class GuardedPolicy:
         known = count > 0
         pooled = torch.where(known, var / count.clamp_min(1), torch.full_like(var, math.inf))
         per_expert = pooled[None].repeat(len(states), 1)  # [R, N]: the group's where it has enough rows
+        bias = _biases(self.evidence.experts, experts)[None].repeat(len(states), 1)
         index = group_index(states)
         trusted = torch.ones(len(states), dtype=torch.bool)
         for g, group in enumerate(GROUPS):
@@ -542,8 +624,9 @@ class GuardedPolicy:
                 ev = ev_g.get(_name(expert))
                 if ev is not None and ev.rows >= MIN_GROUP_ROWS:
                     per_expert[mask, i] = ev.quality_sd ** 2 / ev.rows
+                    bias[mask, i] = ev.bias
         se = (per_expert + per_expert[rows, fixed][:, None]).sqrt()  # [R, N]
-        gain = utility - utility[rows, fixed][:, None]
+        gain = utility - utility[rows, fixed][:, None] - bias - bias[rows, fixed][:, None]
         bounds = torch.where(torch.isfinite(se), gain - self.z * se, torch.full_like(gain, -math.inf))
         bounds[rows, fixed] = 0.0
         bounds = torch.where((self.evidence.known(states) & trusted)[:, None], bounds,
@@ -742,12 +825,15 @@ class UpdateResult:
 def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[Any], model: str | None = None,
            heldout_share: float = HELDOUT_SHARE, min_heldout: int = MIN_HELDOUT, min_rows: int = MIN_ROWS,
            steps: int | None = None, seed: int = 0, should_stop: Callable[[], bool] | None = None,
-           pause: float = 0.0) -> UpdateResult:
+           pause: float = 0.0, calibration_pairs: Sequence[tuple[str, Any, float]] = ()) -> UpdateResult:
     """One online update of ``current`` from logged runs of ``model`` over the pool ``experts``.
 
     ``records_or_rows``: ``RunRecord``s (filtered by :func:`rows_from_records`) or
-    :class:`LoggedRow`s. Returns an :class:`UpdateResult`; the caller publishes the candidate
-    only when ``adopted`` (see :mod:`.versions`).
+    :class:`LoggedRow`s. The estimate rows' quality is recomputed with the calibration the
+    audited and swept rows give (:func:`calibrate_rows`; ``calibration_pairs``: more pairs of
+    this model from outside the rows), which the candidate keeps in
+    ``training["calibration"]``. Returns an :class:`UpdateResult`; the caller publishes the
+    candidate only when ``adopted`` (see :mod:`.versions`).
     """
     start = time.perf_counter()
     descriptors = {_name(e): getattr(e, "descriptor", e) for e in experts}
@@ -755,10 +841,11 @@ def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[An
     if len(rows) != len(records_or_rows):
         rows = rows_from_records(records_or_rows, model=model, experts=list(descriptors))
     rows = [r for r in rows if r.expert in descriptors]
+    rows, fitted, bias = calibrate_rows(rows, calibration_pairs)
     train, heldout = split_rows(rows, heldout_share)
     candidate = fit_candidate(current, train, descriptors, steps=steps, seed=seed, should_stop=should_stop,
                               pause=pause)
-    candidate_evidence = evidence_from_rows(train, heldout, candidate, descriptors, trusted=True)
+    candidate_evidence = evidence_from_rows(train, heldout, candidate, descriptors, trusted=True, bias=bias)
     policies = {"candidate": GuardedPolicy(candidate, candidate_evidence, epsilon=0.0, min_rows=min_rows),
                 "current": GuardedPolicy.for_router(current, epsilon=0.0, min_rows=min_rows),
                 "fixed": FixedPolicy(candidate_evidence)}
@@ -794,6 +881,7 @@ def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[An
     candidate.training = {
         **candidate.training, "model": model if model is not None else current.training.get("model"),
         "guard": candidate_evidence.to_json(),
+        "calibration": None if fitted is None else fitted.to_dict(),
         "online": {"adopted": adopted, "reason": reason, "train_rows": len(train), "heldout_rows": len(heldout),
                    "values": _finite(values), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }

@@ -189,7 +189,8 @@ def test_rows_get_the_model_the_audit_and_the_exploration():
     first, second = rows
     assert first.model == second.model == KEY
     assert first.quality == 0.71 and first.quality_source == "audit" and first.audit_seconds == 2.5
-    assert first.details_dict() == {"why": "kept", "learning": {"phase": "learning", "explored": False}}
+    assert first.details_dict() == {"why": "kept", "learning": {"phase": "learning", "explored": False},
+                                    "true_error": 0.0075}  # the audit's calibration pair
     assert second.quality is None and second.audit_seconds is None
     failed = online.annotate([_record(success=False, error="x")], model=KEY, audit=audit)[0]
     assert failed.quality is None  # an audit never gives a failed run a quality

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from moe_sampler.router.calibration import DEFAULT_FEATURES, POOLED, Calibration, ExpertFit, calibration_inputs
+from moe_sampler.router.calibration import DEFAULT_FEATURES, POOLED, REDUCED, Calibration, ExpertFit, calibration_inputs
 
 
 def _pairs(expert: str, n: int, slope: float, offset: float, noise: float, seed: int) -> list:
@@ -40,7 +40,7 @@ def test_few_pairs_reduced_model_and_unknown_expert_pooled_with_a_wider_spread()
         _pairs("Two", 2, 1.0, 0.0, 0.1, seed=5)
     calibration = Calibration.fit(pairs)
     assert calibration.fits["A"].features == DEFAULT_FEATURES
-    assert calibration.fits["Few"].features == ("log10_estimate",)
+    assert calibration.fits["Few"].features == REDUCED == ("log10_estimate", "log_sigma_start")
     assert "Two" not in calibration.fits and POOLED in calibration.fits
     inputs = pairs[0][1]
     _, std_known = calibration.predict("A", inputs)
@@ -113,5 +113,5 @@ def test_between_8_and_12_features_worth_of_pairs_an_expert_gets_the_first_featu
     assert len(DEFAULT_FEATURES) == 12
     assert calibration.fits["Ten"].features == DEFAULT_FEATURES[:10]
     assert calibration.fits["Eight"].features == DEFAULT_FEATURES[:8]
-    assert calibration.fits["Less"].features == ("log10_estimate",)
+    assert calibration.fits["Less"].features == REDUCED
     assert calibration.fits["Ten"].predict_log10(pairs[0][1]) == pytest.approx(math.log10(pairs[0][2]), abs=0.5)
