@@ -3,9 +3,11 @@
 A stream of generations on a yardstick (fresh contexts, random priorities), starting from the
 untrained router in its learning phase. Each generation runs only the expert the guarded policy
 picks (:mod:`moe_sampler.router.online`, 5% exploration). Its feedback is the calibrated fidelity
-estimate (:mod:`moe_sampler.router.calibration`: a calibration fitted on other contexts, as the
-pack would ship it, refitted with every audit) or, for an audited run, the quality measured
-against the audit's reference. Audits are decided as the sampler decides them
+estimate or, for an audited run, the quality measured against the audit's reference: each
+update rescores the estimate rows with a calibration fitted, as in ComfyUI, on the audits' pairs
+plus those of a small sweep of the same model (``--calibration-contexts``, half img2img; in
+ComfyUI the trainer's sweep rows; 0: audits only, the out-of-the-box case, where uncalibrated
+estimates cannot move the guard's choices, ``router.online.RAW_BIAS``). Audits are decided as the sampler decides them
 (:class:`moe_sampler.experts.reference.AuditBudget`: a coin with probability ``audit_rate``,
 skipped while the model's audits would exceed ``--audit-share`` of its model calls) and run the
 sampler's own audit reference (:func:`moe_sampler.experts.reference.reference_expert`, the
@@ -146,6 +148,17 @@ def router_picks(router, env, pool, lambda_from_priority):
     return out
 
 
+def stratified(contexts: list, n: int) -> list:
+    """``n`` of ``contexts``, half text-to-image and half img2img (in their order; fewer of a kind
+    when it runs out): a calibration drawn at the stream's 30% img2img with a dozen contexts has
+    one or two img2img runs per expert, and its feedback on img2img runs was biased by up to 0.15
+    (docs/ROUTER.md)."""
+    t2i = [c for c in contexts if c.denoise >= 1.0]
+    i2i = [c for c in contexts if c.denoise < 1.0]
+    half = min(n // 2, len(i2i))
+    return t2i[:n - half] + i2i[:half]
+
+
 class Yardstick:
     """Stream, held-out, calibration and sweep sides of one yardstick.
 
@@ -162,7 +175,10 @@ class Yardstick:
         if name == "analytic":
             self.stream = AnalyticEnvironment("train", seed=seed, n_models=200)
             self.held = AnalyticEnvironment("heldout", seed=seed, n_models=40, pool_size=n_heldout)
-            self.calib = AnalyticEnvironment("train", seed=seed + 1000, n_models=30, pool_size=calibration_contexts)
+            self.calib = AnalyticEnvironment("train", seed=seed + 1000, n_models=30,
+                                             pool_size=4 * max(calibration_contexts, 1))
+            self.cost_contexts = stratified(self.calib.contexts, 4)
+            self.calib.contexts = stratified(self.calib.contexts, calibration_contexts)
             self.q_held, self.n_held = heldout_table(self.held, self.pool)
             self.table = None
             return
@@ -178,7 +194,9 @@ class Yardstick:
                              cache)
         self.q_held, self.n_held = held.quality, held.nfe.astype(float)
         # Calibration contexts: another draw of the training split's conditions (their own seeds).
-        self.calib = routing.learned_env("train", seed + 1000, calibration_contexts)
+        self.calib = routing.learned_env("train", seed + 1000, 4 * max(calibration_contexts, 1))
+        self.cost_contexts = stratified(self.calib.contexts, 4)
+        self.calib.contexts = self.calib.source.contexts = stratified(self.calib.contexts, calibration_contexts)
 
     def draw(self, rng: random.Random):
         if self.table is None:
@@ -223,7 +241,7 @@ def simulate(seed: int, generations: int, audit_rate: float, every: int, epsilon
     side = Yardstick(yardstick, seed, n_heldout, calibration_contexts, stream_contexts, cache)
     pool, held, q_held, n_held = side.pool, side.held, side.q_held, side.n_held
     reference = audit_reference()
-    # the shipped calibration: pairs from other contexts; the audit reference's cost measured there
+    # the calibration sweep's pairs; the audit reference's cost measured there (on 4 contexts without one)
     pairs, reference_calls = [], []
     for context in side.calib.contexts:
         for expert in pool:
@@ -231,6 +249,9 @@ def simulate(seed: int, generations: int, audit_rate: float, every: int, epsilon
             if inputs is not None and math.isfinite(error):
                 pairs.append((expert.name, inputs, error))
         reference_calls.append(run_audit(side.calib, context, None, reference)[1])
+    for context in side.cost_contexts if not side.calib.contexts else ():
+        reference_calls.append(run_audit(side.calib, context, None, reference)[1])
+    base_pairs = list(pairs)  # a sweep of this model outside the store (the trainer's rows, in ComfyUI)
     calib = calibration.Calibration.fit(pairs)
     sweep_reference_calls = float(np.mean(reference_calls))
     print(f"seed {seed} {yardstick}: held-out {len(held.contexts)} contexts, calibration {len(side.calib.contexts)} "
@@ -253,7 +274,7 @@ def simulate(seed: int, generations: int, audit_rate: float, every: int, epsilon
         draw = budget.draw(yardstick, audit_rate, rng)  # before the run: history only
         out, nfe, inputs, error = run_expert(side.stream, context, expert, truth=row is None)
         quality = side.truth(row, k, error, quality_from_error)
-        audit_calls = None
+        audit_calls = true_error = None
         skipped += draw.skipped
         if draw.audit:
             audits += 1
@@ -261,20 +282,25 @@ def simulate(seed: int, generations: int, audit_rate: float, every: int, epsilon
             feedback, source = float(quality_from_error(audit_error)) if math.isfinite(audit_error) else 0.0, "audit"
             audit_errors.append(abs(feedback - quality))
             if inputs is not None and math.isfinite(audit_error):
+                true_error = float(audit_error)  # a pair for the update's calibration, as the sampler's row
                 pairs.append((expert.name, inputs, audit_error))
-                calib = calibration.Calibration.fit(pairs)
+                calib = calibration.Calibration.fit(pairs)  # for the estimate MAE reported here
         elif inputs is None:
             feedback, source = (0.0 if out is None else None), "estimate"
         else:
-            feedback, source = calib.predict_quality(expert.name, inputs)[0], "estimate"
+            try:  # what the row's quality is once the update rescores it (raw without a calibration)
+                feedback, source = calib.predict_quality(expert.name, inputs)[0], "estimate"
+            except KeyError:
+                feedback, source = float(quality_from_error(inputs["estimate"])), "estimate"
             estimate_errors.append(abs(feedback - quality))
         budget.note(yardstick, nfe, audit_calls)
         if feedback is not None:
             rows.append(online.LoggedRow(tuple(state.tolist()), expert.name, float(feedback),
                                          float(cost_from_nfe(nfe)), choice.selection.propensity, priority, source,
-                                         f"{seed}|{t}"))
+                                         f"{seed}|{t}", inputs, true_error))
         if t % every == 0:
-            result = online.update(router, rows, pool, model=yardstick, seed=t)
+            # the update rescores the estimate rows with these pairs and the audits' (as in ComfyUI)
+            result = online.update(router, rows, pool, model=yardstick, seed=t, calibration_pairs=base_pairs)
             updates += 1
             if result.adopted:
                 adopted += 1
