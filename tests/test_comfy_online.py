@@ -76,10 +76,18 @@ def test_learning_loop_in_comfyui(env, store):
     assert all(r.audit_seconds > 0 for r in rows if r.quality_source == "audit")
     assert all(r.propensity is not None and r.router == online.learned_label(key) for r in rows)
     assert all("learning" in r.details_dict() for r in rows)
+    # every row keeps its estimate's calibration inputs, an audited one its true error: a pair
+    assert all(r.details_dict()["estimate"]["estimate"] == pytest.approx(r.error_estimate, rel=1e-5) for r in rows)
+    audited = [r for r in rows if r.quality_source == "audit"]
+    assert all(r.details_dict()["true_error"] > 0 for r in audited)
     status = learner.status(key)
     print("update:", status["last_update"])
     outcome = learner.last[key]
     assert outcome.result is not None and outcome.result.heldout_rows >= 3
+    # the update calibrated the estimates with those pairs and keeps the calibration
+    calibration = outcome.result.candidate.training["calibration"]
+    assert calibration["experts"]["*"]["pairs"] == len(audited)  # pooled; an expert with 8 pairs gets its own
+    assert all(fit["pairs"] >= 8 for fit in calibration["experts"].values())
     registry = online.registry()
     name = online.learned_router_name(key)
     if outcome.result.adopted:

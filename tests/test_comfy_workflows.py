@@ -294,6 +294,11 @@ def test_router_training_workflow_saves_a_router_the_sampler_uses(server, object
     assert sorted(r["expert"] for r in rows) == ["BalancedMaster", "SpeedDemon"]
     assert {r["router"] for r in rows} == {"trained_in_test.safetensors"}
     assert all(r["success"] == 1 and 0 <= r["quality"] <= 1 for r in rows)
+    # sweep rows are full information on this model, each with its calibration pair
+    assert {r["model"] for r in rows} == {router.training["model"]} and {r["quality_source"] for r in rows} == {"sweep"}
+    for r in rows:
+        details = json.loads(r["details"])
+        assert details["true_error"] > 0 and details["estimate"]["estimate"] == pytest.approx(r["error_estimate"])
 
     routers = server.get_json("/moe_sampler/routers")
     listed = next(r for r in routers if r["name"] == "trained_in_test.safetensors")
