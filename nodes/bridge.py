@@ -318,20 +318,12 @@ def run_records(attempts: Sequence[Attempt], *, state: Any, selection: Any, rout
     ``details`` (why this expert: what the router expected from each pool expert, router name and
     version, the expert's settings) goes with the first attempt, the one the router picked.
     """
-    from ..experts.analytic import quality_from_error
     from ..stats.store import RunRecord
 
     records = []
     for i, attempt in enumerate(attempts):
         picked = i == 0
-        quality = None
-        if attempt.success and attempt.error_estimate is not None:
-            quality = float(quality_from_error(attempt.error_estimate))
-            if calibration is not None and attempt.estimate_inputs is not None:
-                try:
-                    quality = calibration.predict_quality(attempt.expert, attempt.estimate_inputs)[0]
-                except KeyError:  # an empty calibration: keep the raw estimate's score
-                    pass
+        quality = estimated_quality(attempt, calibration)[0]
         records.append(RunRecord(
             expert=attempt.expert, router=router, nfe=attempt.nfe, steps=attempt.steps,
             seconds=max(attempt.seconds, 0.0), success=attempt.success, source="sampling", quality=quality,
@@ -343,6 +335,22 @@ def run_records(attempts: Sequence[Attempt], *, state: Any, selection: Any, rout
             quality_source=None if quality is None else "estimate",
         ))
     return records
+
+
+def estimated_quality(attempt: Attempt, calibration: Any = None) -> tuple[float | None, bool]:
+    """(quality score of a successful attempt's fidelity estimate, whether a calibration gave it):
+    through ``calibration`` (a :class:`~moe_sampler.router.calibration.Calibration`) when it has a
+    fit of the expert's own, else the raw estimate scored with ``quality_from_error`` (as the
+    online update rescores rows, :func:`moe_sampler.router.online.calibrate_rows`); (None, False)
+    without an estimate."""
+    from ..experts.analytic import quality_from_error
+
+    if not attempt.success or attempt.error_estimate is None:
+        return None, False
+    fits = getattr(calibration, "fits", None) or {}
+    if attempt.expert in fits and attempt.estimate_inputs is not None:
+        return float(calibration.predict_quality(attempt.expert, attempt.estimate_inputs)[0]), True
+    return float(quality_from_error(attempt.error_estimate)), False
 
 
 def _with_estimate(details: dict | None, inputs: dict | None) -> dict | None:

@@ -96,6 +96,7 @@ class AdaptiveRun:
     audit: Any = None  # online_learning.Audit when the run was audited
     warning: str | None = None  # a router trained on another model
     audit_info: dict | None = None  # online_learning.note_calls: audit probability, calls and share
+    calibration: Any = None  # the router's calibration of the fidelity estimate for this model, or None
 
     @property
     def forced(self) -> bool:
@@ -112,8 +113,17 @@ class AdaptiveRun:
     def ui(self) -> dict:
         """Node payload: ``ui.moe_run`` (run info with ``why``) and ``ui.text`` (summary and table)."""
         ui = bridge.badge(self.report, self.selection, self.router, why=self.explain())
-        return online_learning.badge_extras(ui, self.model, self.learning, self.audit, self.warning,
-                                            self.audit_info)
+        ui = online_learning.badge_extras(ui, self.model, self.learning, self.audit, self.warning,
+                                          self.audit_info)
+        # The run's own fidelity estimate, as the stats row records it (item 1 of docs/ROUTER.md's loop).
+        quality, calibrated = bridge.estimated_quality(self.report.final, self.calibration)
+        ui["moe_run"][0]["estimate"] = None if quality is None else {"quality": round(quality, 4),
+                                                                     "calibrated": calibrated}
+        if quality is not None:
+            how = ("calibrated on this model's audited and swept runs" if calibrated
+                   else "raw estimate: not yet calibrated on this model")
+            ui["text"] = [f"{ui['text'][0]}\nestimated quality {quality:.2f} ({how})", *ui["text"][1:]]
+        return ui
 
 
 def _record(store: Any, attempts: Sequence[bridge.Attempt], annotate: Any = None, **fields: Any) -> bool:
@@ -193,7 +203,7 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
     if active_learner is not None and recorded:
         active_learner.note_run(key, pool, store)  # counts and queues; never waits for an update
     return AdaptiveRun(latent, report, selection, label, recorded, pool, priority, router_info, key, learning, audit,
-                       warning, audit_info)
+                       warning, audit_info, calibration)
 
 
 def _notify(payload: dict, node_id: Any) -> None:

@@ -62,6 +62,9 @@ def test_learning_loop_in_comfyui(env, store):
     info = first.ui()["moe_run"][0]
     assert info["learning"]["phase"] == "learning"
     assert "learning: using the best fixed expert" in first.ui()["text"][0]
+    # its own estimate, raw: no pair of this model calibrates it yet
+    assert info["estimate"]["calibrated"] is False and 0 <= info["estimate"]["quality"] <= 1
+    assert "(raw estimate: not yet calibrated on this model)" in first.ui()["text"][0]
     assert info["audited"] and info["audit_seconds"] > 0 and info["audit"]["nfe"] >= AUDIT_STEPS
     # the audit does not change the output
     again = run(env, store, learner, seed=1, audit_rate=0.0)
@@ -95,6 +98,9 @@ def test_learning_loop_in_comfyui(env, store):
         after = run(env, store, learner, seed=999)
         learning = after.ui()["moe_run"][0]["learning"]
         assert learning["version"] == outcome.version
+        # the version's calibration scores the run when it has a fit for the expert that ran
+        fitted = after.report.expert in calibration["experts"]
+        assert after.ui()["moe_run"][0]["estimate"]["calibrated"] is fitted
         assert f"learned/{key}.versions/v{outcome.version:04d}.safetensors" in env["paths"].router_names()
     else:  # judged and refused: no version was written
         assert registry.latest(name) is None, outcome.summary

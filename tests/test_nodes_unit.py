@@ -392,6 +392,11 @@ def test_run_records_quality_through_a_calibration():
     (record,) = bridge.run_records([attempt], state=None, selection=None, router="manual", priority=0.5, seed=None,
                                    calibration=Calibration())
     assert record.quality == pytest.approx(2 / 3)  # nothing calibrated: the raw estimate's score
+    assert bridge.estimated_quality(attempt, calibration) == (pytest.approx(1.0), True)
+    # an expert without a fit of its own keeps the raw score (a pooled fit does not count)
+    pooled = Calibration({"*": ExpertFit(("log10_estimate",), (-1.0, 1.0), 0.2, 50)})
+    assert bridge.estimated_quality(attempt, pooled) == (pytest.approx(2 / 3), False)
+    assert bridge.estimated_quality(_attempt("BalancedMaster", "non_finite"), calibration) == (None, False)
 
 
 def test_badge():
