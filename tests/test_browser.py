@@ -309,6 +309,9 @@ def test_why_panel_survives_a_tab_switch_and_a_reload(server, browser):
     experts = [e["expert"] for e in run["why"]["experts"]]
     assert len(experts) == 5 and all(name in state["text"] for name in experts)
     assert "model calls" in state["text"] and "Why:" in state["text"] and state["visible"], state
+    # the run's own fidelity estimate, as its stats row records it (no calibration for this model yet)
+    assert run["estimate"]["calibrated"] is False
+    assert f"Estimated quality of this run: {run['estimate']['quality']:.2f} (raw estimate" in state["text"], state
     assert not state["stale"]
     browser.wait_for(f"(window.comfyAPI.app.app.nodeOutputs?.[{json.dumps(str(sampler_id))}]?.images ?? []).length > 0",
                      timeout=30, what="the why chart as the sampler's image output")

@@ -157,6 +157,11 @@ export function renderRuns(root, saved) {
     const router = why.router;
     if (run.learning?.text) body.append(element("div", "moe-note", `Learning: ${run.learning.text}`));
     else if (router?.learning) body.append(element("div", "moe-note", `Router ${router.label}: ${router.learning}.`));
+    if (run.estimate && isNumber(run.estimate.quality)) {
+      const how = run.estimate.calibrated ? "calibrated on this model's audited and swept runs"
+        : "raw estimate: not yet calibrated on this model";
+      body.append(element("div", "moe-note", `Estimated quality of this run: ${run.estimate.quality.toFixed(2)} (${how}).`));
+    }
     if (run.audited && run.audit) {
       const quality = isNumber(run.audit.quality) ? `measured quality ${run.audit.quality.toFixed(2)}` : "audit failed";
       body.append(element("div", "moe-note", `Audited: ${quality} (+${formatSeconds(run.audit_seconds ?? 0)} for the reference run).`));
