@@ -104,14 +104,25 @@ def test_a_calibration_stored_before_the_remaining_change_still_loads_and_predic
         Calibration.from_dict(stored)
 
 
-def test_between_8_and_12_features_worth_of_pairs_an_expert_gets_the_first_features_they_support():
-    """6 pairs per feature: 60 pairs fit the default list's first 10 features, 48 its first 8 (the
-    calibration of before the early-stop remainder), 47 only the intercept and slope."""
+def test_between_8_and_13_features_worth_of_pairs_an_expert_gets_the_first_features_they_support():
+    """6 pairs per feature: 60 pairs fit the default list's first 10 features (the early-stop
+    remainder and its sum with the trajectory window among them), 48 its first 8 (the calibration
+    of before the early-stop remainder), 47 the reduced model."""
     pairs = _pairs("Ten", 60, 1.0, 0.0, 0.1, seed=8) + _pairs("Eight", 48, 1.0, 0.0, 0.1, seed=9) + \
         _pairs("Less", 47, 1.0, 0.0, 0.1, seed=10)
     calibration = Calibration.fit(pairs)
-    assert len(DEFAULT_FEATURES) == 12
+    assert len(DEFAULT_FEATURES) == 13 and DEFAULT_FEATURES[8:10] == ("log10_remaining", "log10_stop_total")
     assert calibration.fits["Ten"].features == DEFAULT_FEATURES[:10]
     assert calibration.fits["Eight"].features == DEFAULT_FEATURES[:8]
     assert calibration.fits["Less"].features == REDUCED
     assert calibration.fits["Ten"].predict_log10(pairs[0][1]) == pytest.approx(math.log10(pairs[0][2]), abs=0.5)
+
+
+def test_stop_total_adds_the_early_stop_remainder_and_the_trajectory_window_in_linear_space():
+    from moe_sampler.router.calibration import FEATURES, STOP_WINDOW_WEIGHT
+
+    feature = FEATURES["log10_stop_total"]
+    window = 4e-3 / STOP_WINDOW_WEIGHT
+    assert feature({"remaining": 3e-3, "local_window": window}) == pytest.approx(math.log10(5e-3))  # 3-4-5
+    assert feature({"remaining": 0.0, "local_window": window}) == pytest.approx(math.log10(4e-3))  # no early stop
+    assert feature({}) == pytest.approx(-9.0)  # an old row without either part: the floor
