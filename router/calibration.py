@@ -24,8 +24,9 @@ the run: img2img starts lower), ``sigma_end`` (the last: an early stop ends high
 (the output's rms), ``nfe`` (model calls) and ``cfg``
 (guidance scale; 1 when unknown); ``remaining`` (the change an early stop left out, projected to
 the grid's last level; 0 for a full run), ``local_plain`` (local errors without propagation),
-``local_last`` (the last step's) and ``last_change`` (the last relative change of the
-prediction). A report from before these parts existed gives 0 for them; a stored fit names its
+``local_last`` (the last step's), ``last_change`` (the last relative change of the
+prediction) and ``local_window`` (unpropagated local errors of the middle steps; with
+``remaining``, the feature ``log10_stop_total``). A report from before these parts existed gives 0 for them; a stored fit names its
 features, so calibrations fitted on fewer features keep loading and predicting. Measured in
 docs/EXPERTS.md (``python -m bench.estimate``).
 """
