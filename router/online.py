@@ -39,6 +39,13 @@ them in ComfyUI and ``bench/online.py`` measures them on the analytic model.
    The candidate is
    adopted only if it is **not worse than the current** policy on those rows; a paired
    bootstrap interval of the difference is reported with it.
+4. **Calibrated feedback** (:func:`calibrate_rows`). An estimate row's quality is only as good as
+   the calibration of the run's fidelity estimate on this model. Each update fits it on the
+   model's pairs (audited and swept rows keep their true error next to the estimate's inputs),
+   rescores the estimate rows of every expert it covers and keeps it in the candidate
+   (``training["calibration"]``). An expert it does not cover keeps its raw estimate and a
+   systematic-error bound :data:`RAW_BIAS` in every margin of item 2, so uncalibrated estimates
+   cannot move the guard.
 
 Pure torch; no ComfyUI import.
 """
@@ -58,8 +65,8 @@ import torch
 from torch import Tensor
 
 from ..experts.base import ExpertDescriptor
-from .features import DENOISE_SLOT, STATE_DIM
 from .calibration import POOLED, Calibration
+from .features import DENOISE_SLOT, STATE_DIM
 from .model import ExpertScorer, Router
 from .policy import REFERENCE_TEMPERATURE, Selection, check_priority, cost_from_nfe, draw, lambda_from_priority
 from .policy import probabilities as softmax_probabilities
@@ -84,8 +91,8 @@ MIN_GROUP_ROWS = 5  # rows of an expert in a group before the group's own eviden
 RAW_BIAS = 0.15
 
 __all__ = ["EPSILON", "GROUPS", "Evidence", "GuardedChoice", "GuardedPolicy", "LoggedRow", "UpdateResult",
-           "PRIOR_FIXED", "RAW_BIAS", "calibrate_rows", "fingerprint_tensors", "fit_candidate", "group_index", "model_key", "prior_fixed",
-           "policy_values", "rows_from_records", "split_rows",
+           "PRIOR_FIXED", "RAW_BIAS", "calibrate_rows", "fingerprint_tensors", "fit_candidate", "group_index",
+           "model_key", "prior_fixed", "policy_values", "rows_from_records", "split_rows",
            "update"]
 
 
