@@ -241,6 +241,11 @@ def test_the_update_depends_on_the_rows_not_on_their_order(farm):
     a = train_from_runs(runs, pool(), steps=16)
     b = train_from_runs(shuffled, pool(), steps=16)
     assert same_weights(a, b)
+    # every swept row is a calibration pair, and the router keeps the job's calibration
+    paired = [r for r in runs if r.success and "true_error" in (r.details_dict() or {})]
+    assert paired and len(paired) == sum(r.success for r in runs)
+    assert all(r.details_dict()["estimate"]["estimate"] > 0 for r in paired)
+    assert a.training["calibration"]["experts"]["*"]["pairs"] == len(paired)
     with pytest.raises(ClaimLost):
         def lose():
             raise ClaimLost("gone")
