@@ -522,6 +522,19 @@ def _mean(values: Any) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
+def _calibration_line(calibration: dict | None, runs: int) -> str:
+    """What the saved router keeps to calibrate the runs' own quality estimates (docs/ROUTER.md,
+    "Learning from your runs")."""
+    experts = {k: v for k, v in ((calibration or {}).get("experts") or {}).items() if k != "*"}
+    if not experts:
+        return (f"Calibration of the experts' own quality estimates: not fitted ({MIN_PAIRS} measured runs of an "
+                f"expert needed; this session measured {runs} in all). The measured runs stay in the stats store, "
+                f"where this model's learning loop uses them.")
+    fitted = ", ".join(f"{name} ({fit['pairs']} runs)" for name, fit in experts.items())
+    return (f"Calibration of the experts' own quality estimates, kept in the router: {fitted}. The sampler scores "
+            f"its runs with it, and this model's learning loop uses the measured runs.")
+
+
 def training_report(plan: TrainingPlan, router_file: str, trainer: Any, environment: ComfyEnvironment,
                     result: Any, resumed_from: int, reference_steps: int) -> str:
     """A plain-text summary: what was trained, measured fidelity per expert, picks per context."""
@@ -552,6 +565,8 @@ def training_report(plan: TrainingPlan, router_file: str, trainer: Any, environm
         lines.append(f"{name[:23]:<24}{len(outcomes):>5}{_mean(o.quality for o in ok):>9.3f}"
                      f"{_mean(o.relative_error for o in ok):>10.2e}{_mean(o.nfe for o in ok):>6.0f}"
                      f"{_mean(o.seconds for o in ok):>8.2f}")
+    lines.append(_calibration_line(trainer.router.training.get("calibration"),
+                                   sum(1 for o in environment.outcomes() if o.success)))
     lines += ["", f"Picks at priority {plan.priority:.2f}:"]
     shown = environment.contexts[:12]
     for context in shown:

@@ -284,6 +284,8 @@ def test_router_training_workflow_saves_a_router_the_sampler_uses(server, object
     assert curve and curve[0].is_file()
     report = entry["outputs"][node_of(prompt, "MoERouterTrainer")]["text"][0]
     assert "trained_in_test.safetensors" in report and "SpeedDemon" in report
+    # one context, two experts: too few measured runs for a calibration, and the report says so
+    assert "Calibration of the experts' own quality estimates: not fitted (8 measured runs" in report
 
     path = server.models_dir / "moe_routers" / "trained_in_test.safetensors"
     router = Router.load(path)

@@ -539,3 +539,34 @@ def test_resume_errors_carry_no_paths(comfy, tmp_path, monkeypatch):
     message = str(caught.value)
     assert message.startswith("resume: cannot continue from broken.safetensors: broken.safetensors is not a valid")
     assert str(tmp_path) not in message, message
+
+
+@pytest.mark.comfyui
+def test_a_sweep_calibrates_the_estimates_and_says_so(comfy, tmp_path, monkeypatch):
+    """A full sweep measures every expert's runs: the rows are calibration pairs of the model, the
+    saved router keeps the calibration fitted on them, and the report says which experts have one."""
+    from test_training_nodes_unit import FakeBridge, FakeClip
+
+    from helpers.comfy_env import use_temp_dirs
+    from moe_sampler.experts import get_expert
+    from moe_sampler.nodes import online_learning, paths
+    from moe_sampler.router.model import Router
+
+    use_temp_dirs(tmp_path)
+    fake = FakeBridge()
+    monkeypatch.setattr(bridge, "sample_with_expert", fake.sample_with_expert)
+    monkeypatch.setattr(comfy.comfy_experts, "model_family", lambda model: "eps")
+    monkeypatch.setattr(online_learning, "model_fingerprint", lambda model: "eps-fake")
+    pool = [get_expert("SpeedDemon"), get_expert("BalancedMaster")]
+    plan = _plan(prompts="a cat\na dog", sizes="16x16", cfg_values="3, 6", episodes=40, seeds_per_prompt=2,
+                 router_name="calibrated", resume=False)
+    outcome = comfy.training_nodes.train_router(fake.model, FakeClip(), plan, pool, reference_steps=20)
+    calibration = Router.load(outcome.path).training["calibration"]
+    assert {name: fit["pairs"] for name, fit in calibration["experts"].items() if name != "*"} == \
+        {"SpeedDemon": 8, "BalancedMaster": 8}  # 2 prompts x 2 cfg x 2 seeds
+    assert "kept in the router: SpeedDemon (8 runs), BalancedMaster (8 runs)" in outcome.report
+    store = paths.stats_store()
+    store.flush(10)
+    rows = [r for r in store.runs() if r.source == "training"]
+    assert len(rows) == 16 and {r.model for r in rows} == {"eps-fake"} and {r.quality_source for r in rows} == {"sweep"}
+    assert all(r.details_dict()["true_error"] > 0 and "estimate" in r.details_dict() for r in rows)

@@ -25,6 +25,7 @@ comfy_experts = import_node_module("comfy_experts")
 
 from moe_sampler.experts import get_expert  # noqa: E402
 from moe_sampler.experts.analytic import AnalyticModel, PromptSpec  # noqa: E402
+from moe_sampler.router.calibration import calibration_inputs  # noqa: E402
 from moe_sampler.router.trainer import MoERLTrainer  # noqa: E402
 
 ComfyEnvironment = environment_module.ComfyEnvironment
@@ -207,6 +208,11 @@ class FakeBridge:
         sigmas = expert.sigmas(self.model.schedule(), denoise)
         x = self.model.initial_noise(1, seed, float(sigmas[0]))
         out, run = expert.run(self.model, x, sigmas, extra_args={"cond": 0, "cfg": cfg, "seed": seed})
+        if attempts is not None:  # as the real bridge: the run with its estimate's calibration inputs
+            report = {"error_estimate": run.error_estimate, "estimate_features": run.estimate_features, "nfe": run.nfe}
+            attempts.append(bridge.Attempt(expert=expert.name, outcome="ok", nfe=run.nfe, steps=run.steps,
+                                           seconds=run.seconds, error_estimate=run.error_estimate,
+                                           estimate_inputs=calibration_inputs(report, cfg)))
         return {"samples": out}, SimpleNamespace(nfe=run.nfe, steps=run.steps, seconds=run.seconds)
 
 
