@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..experts.base import Expert, get_expert
-from ..router.calibration import calibration_inputs
+from ..router.calibration import calibration_inputs, stored_inputs
 from .comfy_experts import schedule_for
 
 logger = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ def _with_estimate(details: dict | None, inputs: dict | None) -> dict | None:
     rescoring of the row reads, :func:`moe_sampler.router.online.calibrate_rows`)."""
     if inputs is None:
         return details
-    return {**(details or {}), "estimate": {k: float(f"{float(v):.6g}") for k, v in inputs.items()}}
+    return {**(details or {}), "estimate": stored_inputs(inputs)}
 
 
 def badge(report: SamplingReport, selection: Any, router: str, why: dict | None = None) -> dict:

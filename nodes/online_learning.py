@@ -301,10 +301,9 @@ def audit_budget() -> Any:
     counted at the reference's call cap (``CALLS_PER_STEP * REFERENCE_STEPS``), so it comes once
     the model has run that cap over the share in calls (10,000 at 4%)."""
     global _budget
-    from ..experts.reference import AUDIT_SHARE, CALLS_PER_STEP, AuditBudget
-    from .comfy_environment import REFERENCE_STEPS
+    from ..experts.reference import AUDIT_SHARE, AuditBudget
 
-    first_cost = CALLS_PER_STEP * (AUDIT_STEPS or REFERENCE_STEPS)
+    first_cost = _audit_call_cap()
     with _budget_lock:
         if _budget is None:
             text = os.environ.get(AUDIT_SHARE_ENV, "").strip().lower()
@@ -316,6 +315,14 @@ def audit_budget() -> Any:
                                AUDIT_SHARE)
                 _budget = AuditBudget(AUDIT_SHARE, first_cost)
         return _budget
+
+
+def _audit_call_cap() -> int:
+    """The audit reference's model-call cap: what a model's first audit is counted at."""
+    from ..experts.reference import CALLS_PER_STEP
+    from .comfy_environment import REFERENCE_STEPS
+
+    return CALLS_PER_STEP * (AUDIT_STEPS or REFERENCE_STEPS)
 
 
 def decide_audit(key: str, audit_rate: float, rng: random.Random | None = None, budget: Any = None,
@@ -336,13 +343,11 @@ def start_from_store(budget: Any, key: str, store: Any = None) -> None:
     """Start model ``key``'s ledger from its stored runs (once per process and model), so that a
     ComfyUI restart does not forget the calls and audits before it. An unreadable store starts it
     empty (logged): the budget then counts from this run on."""
-    from ..experts.reference import CALLS_PER_STEP
     from . import paths
-    from .comfy_environment import REFERENCE_STEPS
 
     try:
         expert, audit, audits = (paths.stats_store() if store is None else store).model_calls(
-            key, audit_cost=CALLS_PER_STEP * (AUDIT_STEPS or REFERENCE_STEPS))
+            key, audit_cost=_audit_call_cap())
     except Exception as exc:  # noqa: BLE001 - a run never fails over its audit budget's history
         logger.info("MoE audits: the stored runs of %s could not be read (%s); counting from now", key, exc)
         expert = audit = audits = 0

@@ -198,8 +198,9 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
         audit_info = online_learning.note_calls(key, attempts, audit, audit_draw, audit_rate)
         row_details = {**(learning_details or {}), **({"audit": audit_info} if audit_info else {})}
         recorded = _record(store, attempts, state=state, selection=selection, router=label, priority=priority,
-                           seed=seed, details=details, calibration=calibration, annotate=lambda records: online_learning.annotate(
-                               records, model=key, audit=audit, details=row_details or None))
+                           seed=seed, details=details, calibration=calibration,
+                           annotate=lambda records: online_learning.annotate(records, model=key, audit=audit,
+                                                                             details=row_details or None))
     if active_learner is not None and recorded:
         active_learner.note_run(key, pool, store)  # counts and queues; never waits for an update
     return AdaptiveRun(latent, report, selection, label, recorded, pool, priority, router_info, key, learning, audit,

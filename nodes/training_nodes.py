@@ -111,7 +111,9 @@ def _initial_router(plan: TrainingPlan, save_path: Path, checkpoint: Path) -> An
     return router
 
 
-def _record_run(store: Any, label: str, mode: str, run: ExpertRunReport, model: str | None = None) -> bool:
+def _record_run(store: Any, label: str, mode: str, run: ExpertRunReport, model: str | None = None,
+                pair: dict | None = None) -> bool:
+    """Queue a fresh expert run of the trainer as a stats row; ``pair``: its ``run.pair_details()``."""
     from ..stats.store import RunRecord
 
     try:
@@ -119,7 +121,7 @@ def _record_run(store: Any, label: str, mode: str, run: ExpertRunReport, model: 
             expert=run.expert, router=label, nfe=run.nfe, steps=run.steps, seconds=max(run.seconds, 0.0),
             success=run.success, source="training", quality=run.quality if run.success else None,
             propensity=1.0 if mode == "sweep" else None, priority=run.priority, state=run.state,
-            error=run.error, seed=run.context.seed, details=run.pair_details(),
+            error=run.error, seed=run.context.seed, details=pair,
             # Sweep rows are full information on this model: the online loop learns from them too.
             model=model if mode == "sweep" else None, quality_source="sweep" if mode == "sweep" else None,
             error_estimate=(run.estimate or {}).get("estimate") if run.success else None,
@@ -247,8 +249,8 @@ def _train(model: Any, clip: Any, plan: TrainingPlan, expert_pool: Sequence[Any]
     progress = TrainingProgress(plan.episodes, len(pool) if plan.mode == "sweep" else 1, node_id, model)
 
     def on_run(run: ExpertRunReport) -> None:
-        recorded[0] += _record_run(store, save_path.name, plan.mode, run, model_key)
         pair = run.pair_details()
+        recorded[0] += _record_run(store, save_path.name, plan.mode, run, model_key, pair)
         if pair is not None:
             pairs.append((run.expert, pair["estimate"], pair["true_error"]))
         progress.expert_run(environment.last_samples if run.success else None)

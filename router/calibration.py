@@ -26,9 +26,9 @@ the run: img2img starts lower), ``sigma_end`` (the last: an early stop ends high
 the grid's last level; 0 for a full run), ``local_plain`` (local errors without propagation),
 ``local_last`` (the last step's), ``last_change`` (the last relative change of the
 prediction) and ``local_window`` (unpropagated local errors of the middle steps; with
-``remaining``, the feature ``log10_stop_total``). A report from before these parts existed gives 0 for them; a stored fit names its
-features, so calibrations fitted on fewer features keep loading and predicting. Measured in
-docs/EXPERTS.md (``python -m bench.estimate``).
+``remaining``, the feature ``log10_stop_total``). A report from before these parts existed
+gives 0 for them; a stored fit names its features, so calibrations fitted on fewer features keep
+loading and predicting. Measured in docs/EXPERTS.md (``python -m bench.estimate``).
 """
 
 from __future__ import annotations
@@ -97,6 +97,11 @@ REDUCED = ("log10_estimate", "log_sigma_start")
 # first features of the list its pairs support (the default list's first eight are the calibration
 # of before the early-stop remainder: an expert with 48-71 pairs keeps what it had then).
 MIN_PREFIX = 8
+
+
+def stored_inputs(inputs: Mapping[str, Any]) -> dict[str, float]:
+    """Calibration inputs as a stats row keeps them (``details.estimate``): 6 significant digits."""
+    return {k: float(f"{float(v):.6g}") for k, v in inputs.items()}
 
 
 def calibration_inputs(report: Mapping[str, Any], cfg: float | None = None) -> dict[str, float] | None:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..experts.analytic import REFERENCE_SIGMA_END, AnalyticModel, _dopri5, _rk4, quality_from_error, random_prompts
 from ..experts.base import CountingDenoiser, Denoiser, Expert, ModelSchedule
-from .calibration import calibration_inputs
+from .calibration import calibration_inputs, stored_inputs
 from .features import state_from_analytic, state_from_conditioning
 
 logger = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ class RunReport:
         failed or has no estimate."""
         if not self.success or self.estimate is None or not math.isfinite(self.relative_error):
             return None
-        return {"estimate": {k: float(f"{float(v):.6g}") for k, v in self.estimate.items()},
-                "true_error": float(self.relative_error)}
+        return {"estimate": stored_inputs(self.estimate), "true_error": float(self.relative_error)}
 
 
 @dataclass(frozen=True)
