@@ -5,7 +5,9 @@ is loaded by path under the package name (:func:`helpers.ensure_moe_sampler`). T
 is never importable: run from it, ``python -m pytest`` would otherwise let the pack's ``nodes/``
 package shadow ComfyUI's ``nodes.py``.
 
-Skips: ``gpu`` tests without CUDA, ``comfyui`` tests without ``COMFYUI_PATH``. With
+Skips: ``gpu`` tests without CUDA, ``comfyui`` tests without ``COMFYUI_PATH``, and tests that are
+both without ``MOE_SAMPLER_DEVICE=cuda`` (ComfyUI picks one device per process: with that variable
+the in-process ComfyUI runs on the GPU, else on the CPU). With
 ``MOE_SAMPLER_NO_SKIP=1`` (the full suite inside ComfyUI, see the README) any other skip,
 whatever its cause (a missing browser, database, tool or package), fails the test instead.
 """
@@ -28,6 +30,12 @@ from helpers import ensure_moe_sampler  # noqa: E402
 ensure_moe_sampler()
 
 NO_SKIP_VARIABLE = "MOE_SAMPLER_NO_SKIP"
+DEVICE_VARIABLE = "MOE_SAMPLER_DEVICE"
+
+
+def comfy_on_gpu() -> bool:
+    """True when the in-process ComfyUI is to run on CUDA (``MOE_SAMPLER_DEVICE=cuda``)."""
+    return os.environ.get(DEVICE_VARIABLE, "cpu").strip().lower() == "cuda"
 
 
 def no_skip() -> bool:
@@ -40,9 +48,12 @@ def pytest_collection_modifyitems(config, items):
 
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is available here")
     skip_comfy = pytest.mark.skip(reason="needs a real ComfyUI checkout: set COMFYUI_PATH to run it")
+    skip_comfy_gpu = pytest.mark.skip(reason=f"needs ComfyUI on the GPU: set {DEVICE_VARIABLE}=cuda to run it")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        elif "gpu" in item.keywords and "comfyui" in item.keywords and not comfy_on_gpu():
+            item.add_marker(skip_comfy_gpu)
         if "comfyui" in item.keywords and not os.environ.get("COMFYUI_PATH"):
             item.add_marker(skip_comfy)
 
@@ -56,7 +67,7 @@ def tiny_comfy(tmp_path_factory):
     without ``COMFYUI_PATH`` they are skipped (above) before this is set up."""
     from helpers.comfy_env import encode_prompt, import_comfy, load_tiny_checkpoint
 
-    import_comfy()
+    import_comfy(cpu=not comfy_on_gpu())
     import comfy.utils
 
     model, clip, _ = load_tiny_checkpoint(tmp_path_factory.mktemp("comfy"))
