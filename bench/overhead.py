@@ -20,7 +20,11 @@ CPU (default): the tiny SD1.5-family checkpoint, 64x64 images. GPU: ``--device c
 --sd15-size`` builds a random-weight checkpoint with the full SD1.5 UNet (860 M parameters,
 512x512 by default).
 
-    OMP_NUM_THREADS=1 COMFYUI_PATH=/path/to/ComfyUI python bench/overhead.py --reps 7
+    OMP_NUM_THREADS=1 COMFYUI_PATH=/path/to/ComfyUI python bench/overhead.py --reps 8
+
+The number of pairs is made even, so each side runs first in half of them: on an H200, 5 pairs
+(one side first in 3, the other in 2) put the control row, core against itself, at a paired
+ratio of 1.07, a bias as large as the differences measured.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 64; 512 with --sd15-size)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--cfg", type=float, default=7.0)
-    parser.add_argument("--reps", type=int, default=5, help="interleaved pairs per configuration")
+    parser.add_argument("--reps", type=int, default=6,
+                        help="interleaved pairs per configuration (an odd number is rounded up)")
     parser.add_argument("--decisions", type=int, default=2000, help="router decisions to time")
     parser.add_argument("--workdir", default=None, help="where to build the checkpoint (default: a temp dir)")
     return parser.parse_args(argv)
@@ -60,6 +65,7 @@ def median(values: list[float]) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.reps += args.reps % 2  # each side first in half of the pairs
     import_comfy(args.comfyui, cpu=args.device == "cpu")
     import comfy.model_management
     import comfy.sample

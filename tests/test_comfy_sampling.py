@@ -44,6 +44,12 @@ def adaptive(env, latent, seed=7, store=None, model=None, **kw):
                                      store=store, **kw)
 
 
+def solver_tolerance(env) -> float:
+    """How close two implementations of one method stay: 1e-4 in float32 (the CPU); in half
+    precision (a GPU) the UNet's rounding of slightly different inputs reaches about 2e-3."""
+    return 1e-4 if env["model"].model_dtype() == torch.float32 else 1e-2
+
+
 def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
     scale = b.abs().max().item()
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
@@ -75,7 +81,7 @@ def test_balanced_master_equals_ksampler_dpmpp_2m_karras(env, store, balanced_re
     assert (d.solver, d.steps, d.schedule) == ("dpmpp_2m", 20, "karras")
     run = adaptive(env, empty_latent(), store=store, mode="BalancedMaster")
     # Same method and sigmas; the pack's DPM-Solver++ computes its coefficients in float64.
-    assert_close(run.latent["samples"], balanced_reference, rel=1e-4)
+    assert_close(run.latent["samples"], balanced_reference, rel=solver_tolerance(env))
     assert run.report.nfe == 20
 
 
@@ -238,7 +244,7 @@ def test_nan_expert_falls_back_to_balanced_master(env, store, balanced_reference
     assert run.report.fallback and run.report.expert == "BalancedMaster"
     assert torch.equal(run.latent["samples"], adaptive(env, empty_latent(), store=store, mode="BalancedMaster")
                        .latent["samples"])  # the rerun starts from the same noise
-    assert_close(run.latent["samples"], balanced_reference, rel=1e-4)
+    assert_close(run.latent["samples"], balanced_reference, rel=solver_tolerance(env))
     ui = run.ui()["moe_run"][0]
     assert ui["fallback"] and ui["requested"] == "NaNExpert" and ui["expert"] == "BalancedMaster"
     store.flush(10)

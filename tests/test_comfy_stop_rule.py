@@ -62,5 +62,7 @@ def test_both_paths_carry_the_estimate_through_the_bridge(env):
         attempts.append(report.final)
     a, b = attempts
     assert (a.steps, a.stopped_early, a.nfe) == (b.steps, b.stopped_early, b.nfe)
-    assert a.error_estimate is not None and a.error_estimate == pytest.approx(b.error_estimate, rel=1e-3)
+    # the same method from two implementations: equal to 1e-3 in float32, to 1e-2 in half precision (a GPU)
+    rel = 1e-3 if env["model"].model_dtype() == torch.float32 else 1e-2
+    assert a.error_estimate is not None and a.error_estimate == pytest.approx(b.error_estimate, rel=rel)
     assert a.estimate_inputs["cfg"] == b.estimate_inputs["cfg"] == 6.5
