@@ -686,12 +686,14 @@ class GuardedPolicy:
 
 def fit_candidate(router: Router, rows: Sequence[LoggedRow], descriptors: dict[str, ExpertDescriptor],
                   steps: int | None = None, learning_rate: float = 3e-3, batch_size: int = 64, seed: int = 0,
-                  should_stop: Callable[[], bool] | None = None, pause: float = 0.0) -> Router:
+                  should_stop: Callable[[], bool] | None = None,
+                  pause: float | Callable[[], None] = 0.0) -> Router:
     """A copy of ``router`` trained on ``rows`` (weighted MSE on quality and cost, weights
     ``min(1 / propensity, PROPENSITY_CLIP)``, as ``MoERLTrainer.learn_from_records``); the
     original is not touched. ``steps`` defaults to ``clamp(2 * rows, 100, 600)`` Adam steps;
     ``pause`` seconds of sleep after each step leave the CPU (and the GIL) to sampling when the
-    fit runs in the background."""
+    fit runs in the background; a callable is called after each step instead (the sampler's
+    gate: it waits while a sampling run is in progress)."""
     with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; the copy must be trainable
         scorer = ExpertScorer(hidden=router.scorer.hidden)
         scorer.load_state_dict({k: v.clone() for k, v in router.scorer.state_dict().items()})
@@ -719,7 +721,9 @@ def fit_candidate(router: Router, rows: Sequence[LoggedRow], descriptors: dict[s
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if pause > 0:
+            if callable(pause):
+                pause()
+            elif pause > 0:
                 time.sleep(pause)
     names = {d.name: d for d in candidate.descriptors}
     names.update(descriptors)
@@ -832,7 +836,8 @@ class UpdateResult:
 def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[Any], model: str | None = None,
            heldout_share: float = HELDOUT_SHARE, min_heldout: int = MIN_HELDOUT, min_rows: int = MIN_ROWS,
            steps: int | None = None, seed: int = 0, should_stop: Callable[[], bool] | None = None,
-           pause: float = 0.0, calibration_pairs: Sequence[tuple[str, Any, float]] = ()) -> UpdateResult:
+           pause: float | Callable[[], None] = 0.0,
+           calibration_pairs: Sequence[tuple[str, Any, float]] = ()) -> UpdateResult:
     """One online update of ``current`` from logged runs of ``model`` over the pool ``experts``.
 
     ``records_or_rows``: ``RunRecord``s (filtered by :func:`rows_from_records`) or
@@ -852,6 +857,8 @@ def update(current: Router, records_or_rows: Sequence[Any], experts: Sequence[An
     train, heldout = split_rows(rows, heldout_share)
     candidate = fit_candidate(current, train, descriptors, steps=steps, seed=seed, should_stop=should_stop,
                               pause=pause)
+    if callable(pause):
+        pause()  # the evaluation below, too, runs between generations
     candidate_evidence = evidence_from_rows(train, heldout, candidate, descriptors, trusted=True, bias=bias)
     policies = {"candidate": GuardedPolicy(candidate, candidate_evidence, epsilon=0.0, min_rows=min_rows),
                 "current": GuardedPolicy.for_router(current, epsilon=0.0, min_rows=min_rows),

@@ -9,7 +9,9 @@ Run: ``COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/test_comfy_online.py
 from __future__ import annotations
 
 import functools
+import os
 import statistics
+import sys
 import threading
 import time
 
@@ -131,12 +133,35 @@ def test_the_audit_budget_skips_audits_over_their_share(env, store, monkeypatch)
     assert [r.quality_source for r in rows][0] == "audit" and rows[1].audit_seconds is None
 
 
-def test_runs_are_not_slowed_by_a_background_update(env, store):
-    """Real updates (2000 logged rows of this model) run in the background while the sampler samples."""
+def test_runs_are_not_slowed_by_a_background_update(env, store, monkeypatch):
+    """Real updates (2000 logged rows of this model) run in the background while the sampler samples,
+    and wait at each checkpoint while a run is in progress (the sampler's gate)."""
+    import comfy.model_management
+
     from moe_sampler.stats.store import RunRecord
 
     online = env["online"]
     key = online.model_fingerprint(env["model"])
+    checkpoints: list[float] = []  # when each of the real update's checkpoints let it go on
+    gate_pause = online.background_pause
+
+    def recorded_pause():
+        gate_pause()
+        checkpoints.append(time.perf_counter())
+
+    monkeypatch.setattr(online, "background_pause", recorded_pause)
+    bridge = sys.modules[env["nodes"].__name__.rsplit(".", 1)[0] + ".bridge"]
+    sample = bridge.sample_with_expert
+    sampling: list[tuple[float, float]] = []  # when each run's expert sampled
+
+    def timed_sample(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return sample(*args, **kwargs)
+        finally:
+            sampling.append((start, time.perf_counter()))
+
+    monkeypatch.setattr(bridge, "sample_with_expert", timed_sample)
     quiet = online.OnlineLearner(every=10_000)
     loaded = online.OnlineLearner(every=1)  # the real background update, queued after every run
     release = threading.Event()
@@ -172,19 +197,25 @@ def test_runs_are_not_slowed_by_a_background_update(env, store):
     release.set()
     during = []
     busy = 0
+    sampling.clear()
     for s in range(100, 106):
         during += timed(loaded, [s])
         busy += loaded.status(key)["updating"]
     assert loaded.wait(300)
+    # no step of the update went on while an expert was sampling (the sampler holds the gate)
+    inside = [t for t in checkpoints for start, end in sampling if start + 0.001 < t < end]
+    assert len(sampling) == 6 and len(checkpoints) > 100
+    assert not inside, f"{len(inside)} of {len(checkpoints)} checkpoints inside a run's sampling"
     print(f"run_adaptive median: {statistics.median(base):.3f} s without an update, "
           f"{statistics.median(waiting):.3f} s with a sleeping update pending, {statistics.median(during):.3f} s with "
-          f"a real update computing in the background (busy during {busy} of 6 runs; 2 shared CPU cores); "
+          f"a real update computing in the background (busy during {busy} of 6 runs; {os.cpu_count()} CPU cores, "
+          f"ComfyUI on {comfy.model_management.get_torch_device()}); "
           f"last update: {loaded.status(key)['last_update']}")
     # the sampler never waits for an update (the pending one sleeps up to 60 s) ...
     assert max(waiting) < 20 and statistics.median(waiting) < statistics.median(base) * 2 + 0.5
-    # ... and a real update only competes for the CPU (on a 2-core machine; a GPU run would not share it)
+    # ... and a real update waits while a run samples, so it does not compete for the GIL or the CPU
     assert busy >= 3
-    assert statistics.median(during) < statistics.median(base) * 3 + 0.5
+    assert statistics.median(during) < statistics.median(base) * 1.5 + 0.05
     # the rows say one expert is best: the background update adopts it as a new version, followed
     # by the next run (its badge, its fingerprint) and pinnable from the dropdown
     outcome = loaded.last[key]

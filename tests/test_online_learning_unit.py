@@ -110,6 +110,60 @@ def test_a_failing_update_does_not_kill_the_learner():
     assert learner.wait(5) and learner.status(KEY)["last_update"] == "ok"
 
 
+def test_a_background_update_waits_while_a_sampling_run_is_in_progress():
+    """The default learner's checkpoints (``background_pause``) hold the update while the sampler's
+    gate is held, and let it finish once the run is over."""
+    steps = []
+
+    def learn(key, experts, store):  # a fit of 30 steps with the background's checkpoint after each
+        for _ in range(30):
+            steps.append(time.monotonic())
+            online.background_pause()
+        return online.LearnOutcome(key, None, None, "done", 0)
+
+    gate = online.sampling_gate()
+    learner = online.OnlineLearner(every=1, learn=learn)
+    with gate.running():
+        assert gate.active == 1
+        learner.note_run(KEY, POOL, None)
+        time.sleep(0.4)
+        assert len(steps) == 1  # the first step ran, then the update waited for the run to end
+        assert learner.status(KEY)["updating"]
+    released = time.monotonic()
+    assert learner.wait(10) and learner.status(KEY)["last_update"] == "done"
+    assert len(steps) == 30 and steps[1] >= released - 0.01
+    assert gate.active == 0
+
+
+def test_the_gate_waits_until_idle_a_timeout_or_a_stop():
+    gate = online.SamplingGate()
+    assert gate.wait_idle(timeout=0.01)  # nothing is running
+    with gate.running():
+        start = time.monotonic()
+        assert not gate.wait_idle(timeout=0.1) and time.monotonic() - start >= 0.09
+        assert not gate.wait_idle(should_stop=lambda: True)
+        done = []
+        waiter = threading.Thread(target=lambda: done.append(gate.wait_idle()))
+        waiter.start()
+        time.sleep(0.05)
+        assert not done  # still waiting for the run
+    waiter.join(5)
+    assert done == [True]
+    with pytest.raises(RuntimeError), gate.running():  # a failing run still leaves the gate
+        raise RuntimeError("sampling failed")
+    assert gate.active == 0
+
+
+def test_a_fit_calls_a_callable_pause_after_every_step():
+    from moe_sampler.router.online import fit_candidate, rows_from_records
+
+    rows = rows_from_records(_synthetic_records(40, KEY), model=KEY)
+    calls = []
+    fit_candidate(Router.default(), rows, {e.name: e.descriptor for e in POOL}, steps=25,
+                  pause=lambda: calls.append(1))
+    assert len(calls) == 25
+
+
 def test_learning_can_be_turned_off(monkeypatch):
     monkeypatch.setenv(online.LEARNING_ENV, "0")
     assert online.learner() is None
