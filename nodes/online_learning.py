@@ -26,7 +26,6 @@ modules and the record annotation import and test without ComfyUI.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -52,7 +51,6 @@ AUDIT_SHARE_ENV = "MOE_SAMPLER_AUDIT_SHARE"  # audits' budget, a share of a mode
 AUDIT_STEPS: int | None = None  # the audit reference's reference_steps (budget); None: REFERENCE_STEPS
 EXPLORATION: float | None = None  # epsilon of the learned router; None: router.online.EPSILON (5%)
 BACKGROUND_PAUSE = 0.002  # seconds a background fit sleeps per Adam step, leaving the CPU to sampling
-GATE_POLL = 0.5  # seconds between should_stop checks while a background update waits for sampling to end
 
 _fingerprints: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 _fingerprint_lock = threading.Lock()
@@ -513,59 +511,15 @@ def learn_now(key: str, experts: Sequence[Any], store: Any, registry_: Any = Non
     return LearnOutcome(key, result, version, summary, len(rows))
 
 
-class SamplingGate:
-    """The sampling runs in progress in this process. A background update waits at its checkpoints
-    (each Adam step of the fit, the store read, the evaluation) while any runs, so it never
-    competes with sampling for the GIL or the CPU: it works between generations (VAE decode, image
-    saving, an idle queue). Measured on an H200 before the gate: a tiny-model run that launches its
-    kernels from Python took 1.6x as long while a fit ran beside it (docs/ROUTER.md)."""
-
-    def __init__(self) -> None:
-        self._active = 0
-        self._changed = threading.Condition()
-
-    @contextlib.contextmanager
-    def running(self):
-        """Mark a sampling run (the expert and its audit) for the duration of the ``with`` block."""
-        with self._changed:
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._active -= 1
-                self._changed.notify_all()
-
-    @property
-    def active(self) -> int:
-        return self._active
-
-    def wait_idle(self, should_stop: Callable[[], bool] | None = None, timeout: float | None = None) -> bool:
-        """Block until no run is in progress (True), ``should_stop()`` is true or ``timeout`` passed (False)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._changed:
-            while self._active:
-                if should_stop is not None and should_stop():
-                    return False
-                left = GATE_POLL if deadline is None else min(GATE_POLL, deadline - time.monotonic())
-                if left <= 0:
-                    return False
-                self._changed.wait(left)
-            return True
-
-
-_gate = SamplingGate()
-
-
-def sampling_gate() -> SamplingGate:
-    """The process-wide :class:`SamplingGate` (the sampler marks its runs; background updates wait)."""
-    return _gate
 
 
 def background_pause() -> None:
-    """A background update's checkpoint: a short sleep, then wait while a sampling run is in progress."""
+    """A background update's checkpoint: a short sleep, then wait while any sampling through
+    :func:`~.bridge.sample_with_expert` is in progress (:data:`~.bridge.SAMPLING`)."""
+    from . import bridge
+
     time.sleep(BACKGROUND_PAUSE)
-    _gate.wait_idle()
+    bridge.SAMPLING.wait_idle()
 
 
 class OnlineLearner:

@@ -189,13 +189,11 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
     attempts: list[bridge.Attempt] = []
     audit = audit_info = None
     try:
-        with online_learning.sampling_gate().running():  # a background update waits meanwhile
-            latent, report = bridge.sample_with_expert(model, expert, positive, negative, latent_image, seed, cfg,
-                                                       denoise, callback=callback, preview=preview,
-                                                       attempts=attempts)
-            if audit_draw.audit and not report.fallback:
-                audit = online_learning.run_audit(model, positive, negative, latent_image, seed, cfg, denoise,
-                                                  latent["samples"], expert=expert)
+        latent, report = bridge.sample_with_expert(model, expert, positive, negative, latent_image, seed, cfg,
+                                                   denoise, callback=callback, preview=preview, attempts=attempts)
+        if audit_draw.audit and not report.fallback:
+            audit = online_learning.run_audit(model, positive, negative, latent_image, seed, cfg, denoise,
+                                              latent["samples"], expert=expert)
     finally:
         audit_info = online_learning.note_calls(key, attempts, audit, audit_draw, audit_rate)
         row_details = {**(learning_details or {}), **({"audit": audit_info} if audit_info else {})}

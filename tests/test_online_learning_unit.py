@@ -20,6 +20,7 @@ from helpers import import_node_module
 
 paths = import_node_module("paths")
 online = import_node_module("online_learning")
+bridge = import_node_module("bridge")
 
 from moe_sampler.experts import default_pool  # noqa: E402
 from moe_sampler.router.model import Router  # noqa: E402
@@ -111,8 +112,8 @@ def test_a_failing_update_does_not_kill_the_learner():
 
 
 def test_a_background_update_waits_while_a_sampling_run_is_in_progress():
-    """The default learner's checkpoints (``background_pause``) hold the update while the sampler's
-    gate is held, and let it finish once the run is over."""
+    """The default learner's checkpoints (``background_pause``) hold the update while a sampling run
+    holds the bridge's gate, and let it finish once the run is over."""
     steps = []
 
     def learn(key, experts, store):  # a fit of 30 steps with the background's checkpoint after each
@@ -121,7 +122,7 @@ def test_a_background_update_waits_while_a_sampling_run_is_in_progress():
             online.background_pause()
         return online.LearnOutcome(key, None, None, "done", 0)
 
-    gate = online.sampling_gate()
+    gate = bridge.SAMPLING
     learner = online.OnlineLearner(every=1, learn=learn)
     with gate.running():
         assert gate.active == 1
@@ -136,7 +137,7 @@ def test_a_background_update_waits_while_a_sampling_run_is_in_progress():
 
 
 def test_the_gate_waits_until_idle_a_timeout_or_a_stop():
-    gate = online.SamplingGate()
+    gate = bridge.SamplingGate()
     assert gate.wait_idle(timeout=0.01)  # nothing is running
     with gate.running():
         start = time.monotonic()
