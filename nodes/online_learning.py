@@ -200,19 +200,29 @@ def router_calibration(router: Any) -> Any:
         return None
 
 
-def learning_info(choice: Any, learned: LearnedPolicy, learner: "OnlineLearner | None", key: str) -> dict:
-    """The badge's ``learning`` entry: phase, sentence, version, rows, next update."""
+def learning_info(choice: Any, learned: LearnedPolicy, learner: "OnlineLearner | None", key: str,
+                  calibration: Any = None) -> dict:
+    """The badge's ``learning`` entry: phase, sentence, version, rows, calibrated experts, next
+    update. ``calibration``: the router's, when the caller has read it already."""
+    from ..router.calibration import MIN_PAIRS, POOLED
+
     policy = learned.policy
     rows = policy.evidence.rows
+    calibration = router_calibration(policy.router) if calibration is None else calibration
+    calibrated = sorted(name for name in (calibration.fits if calibration is not None else {}) if name != POOLED)
     if choice.phase == "learning":
+        # What holds it back, and what speeds it up: estimates count only once calibrated (RAW_BIAS).
+        how = (f"calibrated estimates for {', '.join(calibrated)}" if calibrated else
+               f"no expert's estimate is calibrated yet: {MIN_PAIRS} audited or swept runs of an expert are "
+               f"needed, and a MoE Router Trainer sweep of about 12 contexts gives them at once")
         text = (f"using the best fixed expert ({choice.fixed_expert}) until the router has learned enough from "
-                f"this model's runs ({rows} rows so far)")
+                f"this model's runs ({rows} rows so far; {how})")
     else:
         text = (f"router v{learned.version} of this model ({rows} rows) deviates from the best fixed expert "
                 f"({choice.fixed_expert}) only where the data supports it")
     info = {"phase": choice.phase, "text": text, "version": learned.version, "rows": rows,
             "fixed_expert": choice.fixed_expert, "explored": choice.explored, "epsilon": policy.epsilon,
-            "model": key}
+            "model": key, "calibrated": calibrated}
     if learner is not None:
         info.update(learner.status(key))
     return info

@@ -173,10 +173,10 @@ def run_adaptive(model: Any, positive: Any, negative: Any, latent_image: dict, s
         choice = learned.policy.select(state, pool, priority=priority, seed=seed)
         selection, label = choice.selection, learned.label
         active_learner = online_learning.learner() if learner is None else learner
-        learning = online_learning.learning_info(choice, learned, active_learner, key)
+        calibration = online_learning.router_calibration(learned.policy.router)
+        learning = online_learning.learning_info(choice, learned, active_learner, key, calibration)
         learning_details = online_learning.choice_details(choice, learned)
         router_info = why.router_info(learned.policy.router, label)
-        calibration = online_learning.router_calibration(learned.policy.router)
     elif forced is None:
         routing = paths.load_router(router)
         selection = routing.select(state, pool, priority=priority, temperature=temperature, seed=seed)

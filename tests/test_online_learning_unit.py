@@ -225,6 +225,19 @@ def test_before_any_version_the_learned_router_is_in_its_learning_phase(folders)
     info = online.learning_info(choice, learned, online.OnlineLearner(every=25, learn=lambda *a: None), KEY)
     assert info["phase"] == "learning" and info["text"].startswith("using the best fixed expert (SpeedDemon)")
     assert info["next_update_in"] == 25
+    # what holds it back: no calibration yet, and how to get one
+    assert info["calibrated"] == [] and "no expert's estimate is calibrated yet" in info["text"]
+    assert "MoE Router Trainer sweep" in info["text"]
+    # a version whose calibration fits two experts names them
+    from moe_sampler.router.calibration import Calibration
+
+    pairs = [(name, {"estimate": 10 ** -(1 + (i % 7) / 5), "sigma_start": 14.6}, 10 ** -(1.2 + (i % 7) / 5))
+             for name in ("SpeedDemon", "BalancedMaster") for i in range(8)]
+    learned.policy.router.training = {**learned.policy.router.training,
+                                      "calibration": Calibration.fit(pairs).to_dict()}
+    info = online.learning_info(choice, learned, None, KEY)
+    assert info["calibrated"] == ["BalancedMaster", "SpeedDemon"]
+    assert "calibrated estimates for BalancedMaster, SpeedDemon" in info["text"]
 
 
 # ------------------------------------------------------------------------------ rows, badge, warnings
