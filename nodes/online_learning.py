@@ -214,7 +214,8 @@ def learning_info(choice: Any, learned: LearnedPolicy, learner: "OnlineLearner |
         # What holds it back, and what speeds it up: estimates count only once calibrated (RAW_BIAS).
         how = (f"calibrated estimates for {', '.join(calibrated)}" if calibrated else
                f"no expert's estimate is calibrated yet: {MIN_PAIRS} audited or swept runs of an expert are "
-               f"needed, and a MoE Router Trainer sweep of about 12 contexts gives them at once")
+               f"needed, and a MoE Router Trainer sweep of about 12 contexts gives them at once (the next "
+               f"update, or MoE Learn From Runs, uses them)")
         text = (f"using the best fixed expert ({choice.fixed_expert}) until the router has learned enough from "
                 f"this model's runs ({rows} rows so far; {how})")
     else:
