@@ -220,6 +220,8 @@ def _small_workflow(name: str, object_info: dict, overrides: dict[str, dict] | N
         changes = values.get(node["type"], {})
         for index, name in enumerate(widget_names(object_info[node["type"]])):
             if name in changes:
+                if index >= len(node["widgets_values"]):  # saved before the input existed: the frontend's default
+                    node["widgets_values"] += [None] * (index + 1 - len(node["widgets_values"]))
                 node["widgets_values"][index] = changes[name]
     return workflow
 
@@ -339,6 +341,30 @@ def test_why_panel_survives_a_tab_switch_and_a_reload(server, browser):
     assert run["expert"] in after_reload["text"] and after_reload["visible"], after_reload
     show_node(browser, "MoEAdaptiveSampler", 1.0, 80, 60)
     shot(browser, "3_after_reload")
+    assert not our_errors(browser)
+
+
+def test_the_learning_phase_says_what_holds_it_back(server, browser):
+    """With '(learned for this model)' and no calibrated estimate yet, the panel says that the best
+    fixed expert is in use, why, and how a sweep speeds it up (long text: it must wrap, not clip)."""
+    object_info = server.object_info()
+    seed = 21 if browser.renderer == "classic" else 22
+    workflow = _small_workflow("MoE Text to Image.json", object_info, {
+        "MoEAdaptiveSampler": {"seed": seed, "router": "(learned for this model)", "audit_rate": 0.0}})
+    run_in_browser(browser, workflow)
+    state = wait_panel(browser, "MoEAdaptiveSampler", "Learning: using the best fixed expert")
+    run = state["properties"]["moe_last_run"]["runs"][0]
+    assert run["learning"]["phase"] == "learning" and run["learning"]["calibrated"] == []
+    assert "no expert's estimate is calibrated yet" in state["text"] and "MoE Router Trainer sweep" in state["text"]
+    assert state["visible"], state
+    fits = browser.evaluate(
+        "(() => { const n = window.comfyAPI.app.app.graph._nodes.find(n => n.type === 'MoEAdaptiveSampler'); "
+        "const note = [...n.moeRunElement.querySelectorAll('.moe-note')].find(e => e.textContent.startsWith('Learning:')); "
+        "const r = note.getBoundingClientRect(), p = n.moeRunElement.getBoundingClientRect(); "
+        "return {wraps: r.height > 20, inside: r.right <= p.right + 1 && r.left >= p.left - 1}; })()")
+    assert fits["wraps"] and fits["inside"], fits  # several lines, within the panel
+    show_node(browser, "MoEAdaptiveSampler", 1.0, 80, 60)
+    shot(browser, "8_learning_phase")
     assert not our_errors(browser)
 
 
