@@ -201,14 +201,13 @@ def router_calibration(router: Any) -> Any:
 
 
 def learning_info(choice: Any, learned: LearnedPolicy, learner: "OnlineLearner | None", key: str,
-                  calibration: Any = None) -> dict:
+                  calibration: Any) -> dict:
     """The badge's ``learning`` entry: phase, sentence, version, rows, calibrated experts, next
-    update. ``calibration``: the router's, when the caller has read it already."""
+    update. ``calibration``: the router's (:func:`router_calibration`, read once per run)."""
     from ..router.calibration import MIN_PAIRS, POOLED
 
     policy = learned.policy
     rows = policy.evidence.rows
-    calibration = router_calibration(policy.router) if calibration is None else calibration
     calibrated = sorted(name for name in (calibration.fits if calibration is not None else {}) if name != POOLED)
     if choice.phase == "learning":
         # What holds it back, and what speeds it up: estimates count only once calibrated (RAW_BIAS).
@@ -520,8 +519,6 @@ def learn_now(key: str, experts: Sequence[Any], store: Any, registry_: Any = Non
             return LearnOutcome(key, result, None, str(exc), len(rows))
     summary = f"{name}: " + (f"v{version} " if version is not None else "") + result.summary()
     return LearnOutcome(key, result, version, summary, len(rows))
-
-
 
 
 def background_pause() -> None:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from comfy_api.latest import io, ui
 
-from ..router.calibration import MIN_PAIRS, Calibration
+from ..router.calibration import MIN_PAIRS, POOLED, Calibration
 from ..experts import default_pool
 from . import comfy_experts, paths
 from .comfy_environment import (
@@ -527,7 +527,7 @@ def _mean(values: Any) -> float:
 def _calibration_line(calibration: dict | None, runs: int) -> str:
     """What the saved router keeps to calibrate the runs' own quality estimates (docs/ROUTER.md,
     "Learning from your runs")."""
-    experts = {k: v for k, v in ((calibration or {}).get("experts") or {}).items() if k != "*"}
+    experts = {k: v for k, v in ((calibration or {}).get("experts") or {}).items() if k != POOLED}
     if not experts:
         return (f"Calibration of the experts' own quality estimates: not fitted ({MIN_PAIRS} measured runs of an "
                 f"expert needed; this session measured {runs} in all). The measured runs stay in the stats store, "

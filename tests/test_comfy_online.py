@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import statistics
-import sys
 import threading
 import time
 
@@ -150,7 +149,8 @@ def test_runs_are_not_slowed_by_a_background_update(env, store, monkeypatch):
         checkpoints.append(time.perf_counter())
 
     monkeypatch.setattr(online, "background_pause", recorded_pause)
-    bridge = sys.modules[env["nodes"].__name__.rsplit(".", 1)[0] + ".bridge"]
+    from moe_sampler.nodes import bridge
+
     sample = bridge.sample_with_expert
     sampling: list[tuple[float, float]] = []  # when each run's expert sampled
 

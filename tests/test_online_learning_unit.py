@@ -222,7 +222,8 @@ def test_before_any_version_the_learned_router_is_in_its_learning_phase(folders)
     assert learned.version == 0
     choice = learned.policy.select(torch.zeros(64), POOL, 0.5, seed=0, epsilon=0.0)
     assert choice.phase == "learning" and choice.selection.expert == "SpeedDemon"  # a zero state: denoise 0.5, img2img
-    info = online.learning_info(choice, learned, online.OnlineLearner(every=25, learn=lambda *a: None), KEY)
+    info = online.learning_info(choice, learned, online.OnlineLearner(every=25, learn=lambda *a: None), KEY,
+                                online.router_calibration(learned.policy.router))
     assert info["phase"] == "learning" and info["text"].startswith("using the best fixed expert (SpeedDemon)")
     assert info["next_update_in"] == 25
     # what holds it back: no calibration yet, and how to get one
@@ -235,7 +236,7 @@ def test_before_any_version_the_learned_router_is_in_its_learning_phase(folders)
              for name in ("SpeedDemon", "BalancedMaster") for i in range(8)]
     learned.policy.router.training = {**learned.policy.router.training,
                                       "calibration": Calibration.fit(pairs).to_dict()}
-    info = online.learning_info(choice, learned, None, KEY)
+    info = online.learning_info(choice, learned, None, KEY, online.router_calibration(learned.policy.router))
     assert info["calibrated"] == ["BalancedMaster", "SpeedDemon"]
     assert "calibrated estimates for BalancedMaster, SpeedDemon" in info["text"]
 
