@@ -319,29 +319,33 @@ def test_why_panel_survives_a_tab_switch_and_a_reload(server, browser):
                      timeout=30, what="the why chart as the sampler's image output")
     show_node(browser, "MoEAdaptiveSampler", 1.0, 80, 60)
     shot(browser, "1_why_panel")
+    for state in panel_after_tab_switch_and_reload(browser, "Expected quality", ("2_after_tab_switch",
+                                                                                "3_after_reload")):
+        assert run["expert"] in state["text"] and state["visible"], state
+    assert not our_errors(browser)
 
-    # Another workflow tab and back: the panel is rebuilt from the node's saved properties.
+
+def panel_after_tab_switch_and_reload(browser: Browser, needle: str, shots: tuple[str, str]) -> list[dict]:
+    """The sampler's panel (waited for ``needle``) after another workflow tab and back, then after a
+    page reload: both times rebuilt from the node's saved properties; a screenshot of each."""
+    states = []
     browser.evaluate("window.comfyAPI.app.app.extensionManager.command.execute('Comfy.NewBlankWorkflow').then(() => true)")
     browser.wait_for("!window.comfyAPI.app.app.graph._nodes.some(n => n.type === 'MoEAdaptiveSampler')", timeout=30,
                      what="the blank workflow tab")
     browser.evaluate(
         "window.comfyAPI.app.app.extensionManager.command.execute('Workspace.PreviousOpenedWorkflow').then(() => true)")
-    after_switch = wait_panel(browser, "MoEAdaptiveSampler", "Expected quality", timeout=30)
-    assert run["expert"] in after_switch["text"] and after_switch["visible"], after_switch
+    states.append(wait_panel(browser, "MoEAdaptiveSampler", needle, timeout=30))
     show_node(browser, "MoEAdaptiveSampler", 1.0, 80, 60)
-    shot(browser, "2_after_tab_switch")
-
-    # A page reload restores the open workflow with the node's properties.
+    shot(browser, shots[0])
     browser.evaluate("window.__moeOldPage = true")
     browser.call("Page.reload")
     browser.wait_for("document.readyState === 'complete' && !window.__moeOldPage", timeout=60,
                      what="the reloaded page")
     wait_for_app(browser)
-    after_reload = wait_panel(browser, "MoEAdaptiveSampler", "Expected quality", timeout=60)
-    assert run["expert"] in after_reload["text"] and after_reload["visible"], after_reload
+    states.append(wait_panel(browser, "MoEAdaptiveSampler", needle, timeout=60))
     show_node(browser, "MoEAdaptiveSampler", 1.0, 80, 60)
-    shot(browser, "3_after_reload")
-    assert not our_errors(browser)
+    shot(browser, shots[1])
+    return states
 
 
 def test_the_learning_phase_says_what_holds_it_back(server, browser):
@@ -365,6 +369,9 @@ def test_the_learning_phase_says_what_holds_it_back(server, browser):
     assert fits["wraps"] and fits["inside"], fits  # several lines, within the panel
     show_node(browser, "MoEAdaptiveSampler", 1.0, 80, 60)
     shot(browser, "8_learning_phase")
+    for state in panel_after_tab_switch_and_reload(browser, "Learning: using the best fixed expert",
+                                                   ("9_learning_after_tab_switch", "10_learning_after_reload")):
+        assert "no expert's estimate is calibrated yet" in state["text"] and state["visible"], state
     assert not our_errors(browser)
 
 
